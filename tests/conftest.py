@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import make_checkpoint, make_image_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory) -> Path:
+    """A backbone-only tiny ViT, saved as transformers' ViTModel (as google/vit-base-patch16-224-in21k)."""
+    return make_checkpoint(tmp_path_factory.mktemp("backbone"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), per_class=24)

@@ -1,0 +1,118 @@
+"""The training configuration: one dataclass, and the command line derived from it.
+
+Each field's `help` is its documentation; its default is the Hugging Face image-classification
+guide's choice (the Trainer's, where the guide leaves it to the Trainer). `--help` groups the
+flags by the `group` of each field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import get_type_hints
+
+
+def _opt(default, help: str, group: str, **extra):
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """One DataLoader worker per core but one, which the training process itself needs, at most 16."""
+    return max(0, min(16, usable_cores() - 1))
+
+
+@dataclass
+class TrainConfig:
+    # ---- data
+    dataset: str = _opt("ethz/food101", "Hub dataset id, a folder with one subfolder per class, "
+                        "or a folder written by datasets' save_to_disk", "data")
+    train_split: str = _opt("train", "split of --dataset to train on (Hub and save_to_disk datasets)", "data")
+    eval_split: str | None = _opt(None, "evaluate on this split of the dataset (e.g. 'validation') "
+                                  "instead of holding out --test-size of the training images", "data")
+    max_train_samples: int = _opt(5000, "use this many training images (the guide's train[:5000]); 0 = all. "
+                                  "Hub and save_to_disk datasets take the first N rows, folders a seeded random N", "data")
+    max_eval_samples: int = _opt(0, "cap the evaluation images (the first N of --eval-split); 0 = all", "data")
+    test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data")
+    flip: bool = _opt(True, "random horizontal flip during training", "data")
+    num_workers: int = _opt(default_num_workers(), "DataLoader worker processes (default: CPU cores - 1, at most 16)", "data")
+    max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of images is unreadable "
+                                   "(they are skipped and listed in bad_images.txt up to then)", "data")
+
+    # ---- model
+    model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained ViT: Hub id or local checkpoint folder", "model")
+    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPUs)", "model")
+
+    # ---- optimisation
+    epochs: int = _opt(3, "training epochs", "optimisation")
+    batch_size: int = _opt(16, "training images per micro-batch (per device)", "optimisation")
+    eval_batch_size: int = _opt(16, "evaluation images per batch (per device)", "optimisation")
+    grad_accum_steps: int = _opt(4, "micro-batches per optimizer step", "optimisation")
+    learning_rate: float = _opt(5e-5, "peak AdamW learning rate (0 allowed: the backbone is saved unchanged)", "optimisation")
+    weight_decay: float = _opt(0.0, "AdamW weight decay; never applied to biases, LayerNorm weights, "
+                               "position and CLS embeddings", "optimisation")
+    warmup_ratio: float = _opt(0.1, "fraction of optimizer steps with linear warmup, then linear decay to 0", "optimisation")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this; 0 = no clipping", "optimisation")
+    precision: str = _opt("auto", "auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU",
+                          "optimisation", choices=("auto", "bf16", "fp16", "fp32"))
+    seed: int = _opt(42, "seed for the split, the head, the data order and the augmentations", "optimisation")
+    device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "optimisation")
+
+    # ---- output
+    output_dir: str = _opt("vitfood-output", "where the best model, eval_results.json and metrics.jsonl go", "output")
+    logging_steps: int = _opt(10, "a log line every N optimizer steps", "output")
+    overwrite_output_dir: bool = _opt(False, "allow training into a folder that already holds a trained model", "output")
+
+    def validate(self) -> None:
+        from vitfood.errors import VitfoodError
+
+        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise VitfoodError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples", "num_workers"):
+            if getattr(self, name) < 0:
+                raise VitfoodError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not 0 < self.test_size < 1:
+            raise VitfoodError(f"--test-size must be between 0 and 1, got {self.test_size}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise VitfoodError(f"--warmup-ratio must be between 0 and 1, got {self.warmup_ratio}")
+        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise VitfoodError("--learning-rate, --weight-decay and --max-grad-norm must not be negative")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise VitfoodError(f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}")
+
+
+def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    """One flag per dataclass field: `--name-with-dashes`, type and default from the field."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        group_name = f.metadata.get("group", "other")
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"default": f.default, "help": f.metadata.get("help", "")}
+        hint = hints[f.name]
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = str if hint in (str, str | None) else hint
+            kwargs["metavar"] = f.name.split("_")[-1].upper()
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser(description="Fine-tune a pretrained ViT for image classification.").parse_args(argv)
+    return TrainConfig(**vars(args))

@@ -1,0 +1,335 @@
+"""Datasets, the train/eval split, and the DataLoaders.
+
+Design, driven by exact resumption and many processes:
+- Each training sample is addressed as (index, epoch). Its crop and flip come from a generator
+  seeded with (seed, epoch, index), and the epoch's order from (seed, epoch). Nothing depends on
+  which worker, or how many, decoded it, so a run can be resumed from any optimizer step by
+  skipping batches, and N processes see exactly the batches that one process would.
+- Workers decode and resize only, handing over uint8 HWC arrays; the float conversion and the
+  normalisation run on the device (`Preprocessing.normalize`).
+- An unreadable image does not stop the epoch: the worker reports it, the batch goes on without it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitfood.errors import VitfoodError
+from vitfood.preprocess import BadImageError, Preprocessing, load_rgb, open_image, train_crop
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+
+
+# ---------------------------------------------------------------- records: where the images are
+
+class Records:
+    """A list of labelled images: `source(i)` is a path or bytes that PIL can open."""
+
+    def __init__(self, labels: np.ndarray, label_names: list[str]):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.label_names = label_names
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def source(self, i: int):
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def subset(self, indices: np.ndarray) -> "Records":
+        return SubsetRecords(self, np.asarray(indices, dtype=np.int64))
+
+
+class FolderRecords(Records):
+    def __init__(self, paths: list[str], labels, label_names):
+        super().__init__(labels, label_names)
+        self.paths = paths
+
+    def source(self, i):
+        return self.paths[i]
+
+    def name(self, i):
+        return self.paths[i]
+
+
+class ArrowRecords(Records):
+    """A `datasets.Dataset` whose image column is read undecoded (bytes), so workers do the decoding."""
+
+    def __init__(self, ds, image_column: str, label_column: str, label_names):
+        super().__init__(np.asarray(ds[label_column]), label_names)
+        self.ds = ds
+        self.image_column = image_column
+
+    def source(self, i):
+        item = self.ds[int(i)][self.image_column]
+        return item["bytes"] if item.get("bytes") else item["path"]
+
+    def name(self, i):
+        item = self.ds[int(i)][self.image_column]
+        return item.get("path") or f"row {int(i)}"
+
+
+class SubsetRecords(Records):
+    def __init__(self, base: Records, indices: np.ndarray):
+        super().__init__(base.labels[indices], base.label_names)
+        self.base, self.indices = base, indices
+
+    def source(self, i):
+        return self.base.source(int(self.indices[i]))
+
+    def name(self, i):
+        return self.base.name(int(self.indices[i]))
+
+
+def scan_folder(root: Path) -> FolderRecords:
+    """One subfolder per class (sorted names are the labels); image files found recursively inside."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise VitfoodError(f"{root}: no class subfolders (expected one folder per class holding its images)")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if not paths:
+        raise VitfoodError(f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return FolderRecords(paths, labels, classes)
+
+
+def _arrow_records(ds, source: str) -> ArrowRecords:
+    from datasets import ClassLabel, Image as ImageFeature
+
+    image_cols = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
+    if not image_cols:
+        raise VitfoodError(f"{source}: no image column (features: {list(ds.features)})")
+    label_cols = [c for c, f in ds.features.items() if isinstance(f, ClassLabel)]
+    label_col = label_cols[0] if label_cols else next((c for c in ("label", "labels") if c in ds.features), None)
+    if label_col is None:
+        raise VitfoodError(f"{source}: no label column (a ClassLabel feature, or a column named 'label')")
+    feature = ds.features[label_col]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        names = [str(v) for v in range(int(max(ds[label_col])) + 1)]
+    ds = ds.cast_column(image_cols[0], ImageFeature(decode=False)).select_columns([image_cols[0], label_col])
+    return ArrowRecords(ds, image_cols[0], label_col, names)
+
+
+def _load_arrow_split(dataset: str, split: str, max_rows: int):
+    """A split of a save_to_disk folder or a Hub dataset, as a `datasets.Dataset`."""
+    try:
+        import datasets
+    except ImportError:
+        raise VitfoodError("the 'datasets' package is needed for Hub and save_to_disk datasets: "
+                           "pip install datasets, or pass an image folder with --dataset") from None
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise VitfoodError(f"{path}: no split {split!r} (it has {list(loaded)})")
+            return loaded[split]
+        return loaded
+    from vitfood.hub import download_split
+
+    files = download_split(dataset, split, max_rows)
+    return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+@dataclass
+class Splits:
+    train: Records
+    eval: Records
+    label_names: list[str]
+
+
+def load_splits(dataset: str, train_split: str, eval_split: str | None, max_train_samples: int,
+                max_eval_samples: int, test_size: float, seed: int) -> Splits:
+    """The training and evaluation records, split 80/20 (by default) with the seed, as the guide."""
+    path = Path(dataset).expanduser()
+    folder = path.is_dir() and not is_saved_dataset(path)
+    if folder:
+        if eval_split is not None and not (path / train_split).is_dir():
+            raise VitfoodError(f"--eval-split with an image folder expects {path}/{train_split}/ and "
+                               f"{path}/{eval_split}/, each with one subfolder per class")
+        train = scan_folder(path / train_split if eval_split is not None else path)
+        if max_train_samples and max_train_samples < len(train):
+            # Folders are listed class by class: the first N would be the first few classes only.
+            pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:max_train_samples])
+            train = train.subset(pick)
+    elif path.exists() and not path.is_dir():
+        raise VitfoodError(f"--dataset {dataset}: a file, expected a folder or a Hub dataset id")
+    else:
+        if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+            raise VitfoodError(f"--dataset {dataset}: no such folder")
+        ds = _load_arrow_split(dataset, train_split, max_train_samples)
+        if max_train_samples and max_train_samples < len(ds):
+            ds = ds.select(range(max_train_samples))
+        train = _arrow_records(ds, f"{dataset}[{train_split}]")
+
+    if eval_split is None:
+        # As datasets' train_test_split: ceil(test_size * n) held out, chosen by the seeded permutation.
+        n = len(train)
+        n_eval = math.ceil(test_size * n)
+        if n_eval < 1 or n - n_eval < 1:
+            raise VitfoodError(f"--dataset {dataset}: {n} images are too few to split with --test-size {test_size}")
+        perm = np.random.default_rng(seed).permutation(n)
+        eval_records, train = train.subset(np.sort(perm[:n_eval])), train.subset(np.sort(perm[n_eval:]))
+    else:
+        if folder:
+            eval_folder = scan_folder(path / eval_split)
+            if eval_folder.label_names != train.label_names:
+                raise VitfoodError(f"{path / eval_split}: its class folders differ from {path / train_split}'s")
+            eval_records = eval_folder
+        else:
+            ds = _load_arrow_split(dataset, eval_split, max_eval_samples)
+            eval_records = _arrow_records(ds, f"{dataset}[{eval_split}]")
+        if max_eval_samples and max_eval_samples < len(eval_records):
+            eval_records = eval_records.subset(np.arange(max_eval_samples))
+    if len(train.label_names) < 2:
+        raise VitfoodError(f"--dataset {dataset}: found {len(train.label_names)} class; need at least 2")
+    return Splits(train=train, eval=eval_records, label_names=train.label_names)
+
+
+# ---------------------------------------------------------------- torch datasets: decode in workers
+
+class TrainImages(Dataset):
+    """Item (index, epoch) -> (uint8 HWC crop or None, label, None or (image name, why it is unreadable))."""
+
+    def __init__(self, records: Records, prep: Preprocessing, seed: int, flip: bool):
+        self.records, self.prep, self.seed, self.flip = records, prep, seed, flip
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        try:
+            img = open_image(self.records.source(index))
+            pixels = train_crop(img, self.prep, rng, self.flip, self.records.name(index))
+        except BadImageError as e:
+            return None, int(self.records.labels[index]), (self.records.name(index), _reason(e, self.records.name(index)))
+        return pixels, int(self.records.labels[index]), None
+
+
+class EvalImages(Dataset):
+    """Item index -> (uint8 HWC resized image or None, label, None or (image name, why it is unreadable))."""
+
+    def __init__(self, records: Records, prep: Preprocessing):
+        self.records, self.prep = records, prep
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        try:
+            pixels = self.prep.eval_resize(load_rgb(self.records.source(index)))
+        except BadImageError as e:
+            return None, int(self.records.labels[index]), (self.records.name(index), _reason(e, self.records.name(index)))
+        return pixels, int(self.records.labels[index]), None
+
+
+def _reason(e: BadImageError, name: str) -> str:
+    msg = str(e)
+    return msg[len(name) + 2:] if msg.startswith(name + ": ") else msg
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # uint8 [B, H, W, 3]; B may be 0 when every image of the batch was bad
+    labels: torch.Tensor  # int64 [B]
+    bad: list[tuple[str, str]]  # (image name, reason) for each image left out
+
+    def pin_memory(self):
+        self.pixels, self.labels = self.pixels.pin_memory(), self.labels.pin_memory()
+        return self
+
+
+def make_collate(height: int, width: int):
+    def collate(items) -> Batch:
+        good = [it for it in items if it[0] is not None]
+        if good:
+            pixels = torch.from_numpy(np.stack([it[0] for it in good]))
+        else:
+            pixels = torch.empty((0, height, width, 3), dtype=torch.uint8)
+        labels = torch.tensor([it[1] for it in good], dtype=torch.int64)
+        return Batch(pixels, labels, [it[2] for it in items if it[0] is None])
+    return collate
+
+
+# ---------------------------------------------------------------- samplers: order, shards, resume
+
+class TrainBatchSampler:
+    """Per-epoch seeded shuffle, split across `world` ranks, cut into batches of (index, epoch).
+
+    Rank r takes every world-th index of the epoch's permutation, so the union of the ranks'
+    k-th batches is exactly the k-th batch of a single process with world x the batch size.
+    Under several ranks the permutation's tail is dropped to a multiple of `world` so that every
+    rank takes the same number of steps (DistributedSampler pads with repeats instead, which
+    would count some images twice). `set_epoch(e, skip)` resumes mid-epoch after `skip` batches.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world = rank, world
+        self.per_rank = num_samples // world
+        if self.per_rank < 1:
+            raise VitfoodError(f"{num_samples} training images cannot be shared by {world} processes")
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        mine = perm[: self.per_rank * self.world][self.rank :: self.world]
+        for b in range(self.skip, len(self)):
+            chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(int(i), self.epoch) for i in chunk]
+
+
+class EvalBatchSampler:
+    """In order, each rank a strided share; no padding, so every image is counted exactly once."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.indices = np.arange(num_samples)[rank::world]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            yield [int(i) for i in self.indices[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=make_collate(prep.height, prep.width),
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

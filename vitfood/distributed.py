@@ -1,0 +1,77 @@
+"""Process-group setup for torchrun, and device and precision choice."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vitfood.errors import VitfoodError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_flag: str) -> Dist:
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    use_cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(flag: str, d: Dist) -> torch.device:
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if flag == "cuda" and d.world > 1:
+        flag = f"cuda:{d.local_rank}"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise VitfoodError(f"--device {flag!r}: not a device name (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitfoodError(f"--device {flag}: no CUDA GPU is available here")
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_precision(flag: str, device: torch.device) -> str:
+    if flag == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if flag == "fp16" and device.type != "cuda":
+        raise VitfoodError("--precision fp16 needs a CUDA GPU (loss scaling is a GPU feature); use bf16 or fp32")
+    return flag
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()

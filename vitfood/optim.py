@@ -1,0 +1,36 @@
+"""The optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vitfood.model import ViT
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    """As transformers' Trainer: ceil(ratio x total optimizer steps)."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from 0, then linear decay to 0, for optimizer step `step` (0-based).
+
+    The same values as transformers' get_linear_schedule_with_warmup: the first step of a warmup
+    runs at lr 0, and the step after the last would run at 0 again.
+    """
+    if step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def build_optimizer(model: ViT, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with two groups: decayed matrices, and never-decayed biases, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if model.no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused CUDA kernel updates every parameter in a few launches instead of several per tensor.
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")

@@ -1,0 +1,254 @@
+"""Image decoding and the checkpoint's preprocessing, shared by training, evaluation and inference.
+
+Everything here works on PIL images and uint8 arrays; the float conversion and normalisation
+happen on the device, in `Preprocessing.normalize`, so DataLoader workers only decode and resize.
+No torchvision or transformers import: `infer.py` stays quick to start.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vitfood.errors import VitfoodError
+
+# The guide's ViT image processor defaults, used for fields a preprocessor_config.json leaves out.
+_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+_DEFAULT_STD = (0.5, 0.5, 0.5)
+_EXIF_ORIENTATION = 0x0112
+
+
+class BadImageError(VitfoodError):
+    """A file that is not a readable image: missing, empty, truncated, corrupt, or a decompression bomb."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the checkpoint's image processor does: resize, rescale to [0, 1], normalise."""
+
+    height: int
+    width: int
+    mean: tuple[float, ...] = _DEFAULT_MEAN
+    std: tuple[float, ...] = _DEFAULT_STD
+    resample: int = Image.Resampling.BILINEAR
+    shortest_edge: int | None = None  # processors sized by {"shortest_edge"}: resize, then centre-crop
+    do_normalize: bool = True
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, source: str = "preprocessor_config.json") -> "Preprocessing":
+        size = cfg.get("size", 224)
+        shortest = None
+        if isinstance(size, int):  # the legacy ViTFeatureExtractor form, as in the in21k checkpoint
+            height = width = size
+        elif isinstance(size, dict) and "height" in size and "width" in size:
+            height, width = int(size["height"]), int(size["width"])
+        elif isinstance(size, dict) and "shortest_edge" in size:
+            shortest = int(size["shortest_edge"])
+            crop = cfg.get("crop_size") if cfg.get("do_center_crop") else None
+            if isinstance(crop, int):
+                crop = {"height": crop, "width": crop}
+            height, width = (int(crop["height"]), int(crop["width"])) if crop else (shortest, shortest)
+        else:
+            raise VitfoodError(f"{source}: unsupported 'size' {size!r} (expected an int, height/width or shortest_edge)")
+        mean = tuple(float(m) for m in cfg.get("image_mean") or _DEFAULT_MEAN)
+        std = tuple(float(s) for s in cfg.get("image_std") or _DEFAULT_STD)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise VitfoodError(f"{source}: image_mean and image_std need 3 values each, std > 0")
+        resample = int(cfg.get("resample", Image.Resampling.BILINEAR))
+        if resample not in {int(r) for r in Image.Resampling}:
+            raise VitfoodError(f"{source}: unknown resample {resample}")
+        return cls(
+            height=height, width=width, mean=mean, std=std, resample=resample, shortest_edge=shortest,
+            do_normalize=bool(cfg.get("do_normalize", True)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
+        )
+
+    def to_hf_dict(self) -> dict:
+        """A ViTImageProcessor config that reproduces this preprocessing in transformers."""
+        out = {
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": True,
+            "size": {"height": self.height, "width": self.width},
+            "resample": self.resample,
+            "do_rescale": self.rescale_factor != 1.0,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+        if self.shortest_edge is not None:
+            out.update(size={"shortest_edge": self.shortest_edge}, do_center_crop=True,
+                       crop_size={"height": self.height, "width": self.width})
+        return out
+
+    # -- on the worker: PIL image -> uint8 HWC array of the model's size
+
+    def eval_resize(self, img: Image.Image) -> np.ndarray:
+        """Deterministic: resize to the model's size, exactly as the checkpoint's image processor."""
+        if self.shortest_edge is None:
+            out = img.resize((self.width, self.height), self.resample)
+        else:
+            w, h = img.size
+            s = self.shortest_edge / min(w, h)
+            rw, rh = max(1, round(w * s)), max(1, round(h * s))
+            out = img.resize((rw, rh), self.resample)
+            left, top = (rw - self.width) // 2, (rh - self.height) // 2
+            out = out.crop((left, top, left + self.width, top + self.height))
+        return np.asarray(out, dtype=np.uint8)
+
+    # -- on the device: uint8 batch -> normalised float batch
+
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (as the workers deliver it) -> normalised [B, 3, H, W] in `dtype`.
+
+        The result is a channels-last view: no copy is made for the permute.
+        """
+        x = batch.permute(0, 3, 1, 2).float()
+        if self.do_normalize:
+            # (x * r - mean) / std folded into one multiply-add per element.
+            scale = torch.tensor([self.rescale_factor / s for s in self.std], device=x.device).view(1, 3, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=x.device).view(1, 3, 1, 1)
+            x = torch.addcmul(shift, x, scale)
+        else:
+            x = x * self.rescale_factor
+        return x.to(dtype)
+
+
+def open_image(src) -> Image.Image:
+    """Open a path, bytes or file object lazily (header only), refusing decompression bombs.
+
+    The pixels are decoded by `to_rgb`; in between a caller may ask for a reduced-size decode
+    (`Image.draft`) when it will shrink the picture anyway.
+    """
+    name = str(src) if isinstance(src, (str, Path)) else "<image bytes>"
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; we refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                src = io.BytesIO(src)
+            return Image.open(src)
+    except FileNotFoundError:
+        raise BadImageError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{name}: is a directory, not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{name}: refused, too many pixels ({e})") from None
+    except Image.UnidentifiedImageError:
+        empty = isinstance(src, (str, Path)) and Path(src).is_file() and Path(src).stat().st_size == 0
+        raise BadImageError(f"{name}: {'empty file' if empty else 'not an image file'}") from None
+    except OSError as e:
+        raise BadImageError(f"{name}: cannot read ({e})") from None
+
+
+def exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block is not worth losing the picture over
+        return 1
+
+
+def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
+    """Decode, apply the EXIF orientation and convert any mode (L, RGBA, P, CMYK, 16-bit) to 8-bit RGB."""
+    try:
+        img.load()  # full decode: a truncated file fails here, not later in a worker's resize
+        if exif_orientation(img) != 1:
+            img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            # 16-bit and 32-bit grey: PIL's convert("L") clips instead of scaling, which whitens
+            # the picture. Scale to 8 bits ourselves.
+            a = np.asarray(img).astype(np.float64)
+            if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+                a = a / 257.0
+            img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return img
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{name}: cannot decode ({e})") from None
+
+
+def load_rgb(src) -> Image.Image:
+    """open_image + to_rgb: any image source -> decoded RGB PIL image. PIL images pass through."""
+    if isinstance(src, Image.Image):
+        return to_rgb(src)
+    return to_rgb(open_image(src), str(src) if isinstance(src, (str, Path)) else "<image bytes>")
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters (same distribution), from our own generator.
+
+    Returns (left, top, crop_width, crop_height). A generator seeded per (seed, epoch, sample)
+    makes every crop independent of the worker that computes it, which is what lets a run be
+    resumed exactly and gives the same augmentations for any number of DataLoader workers.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, w, h
+    # Fallback: the largest centred crop within the ratio bounds.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_crop(img: Image.Image, prep: Preprocessing, rng: np.random.Generator, flip: bool,
+               name: str = "<image>") -> np.ndarray:
+    """RandomResizedCrop (+ horizontal flip) of an opened, not yet decoded image -> uint8 HWC.
+
+    For JPEGs whose crop is at least twice the output size, the decoder is asked for a reduced
+    image (DCT-domain scaling, `Image.draft`): it skips most of the decode and resize work.
+    """
+    oriented = exif_orientation(img) == 1
+    full_w, full_h = _oriented_size(img)
+    left, top, w, h = random_resized_crop_box(full_w, full_h, rng)
+    if img.format == "JPEG" and oriented and img.mode in ("RGB", "L"):
+        reduce = min(w / prep.width, h / prep.height)
+        if reduce >= 2:
+            img.draft(img.mode, (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
+    img = to_rgb(img, name)
+    sx, sy = img.size[0] / full_w, img.size[1] / full_h
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    out = img.resize((prep.width, prep.height), prep.resample, box=box)
+    if flip and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """Size after the EXIF rotation, read without decoding: orientations 5-8 swap the axes."""
+    w, h = img.size
+    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def load_preprocessing(model_dir: Path, image_size: int) -> Preprocessing:
+    """The checkpoint's preprocessor_config.json; without one, the ViT defaults at its image size."""
+    from vitfood.model import PREPROCESSOR_NAME, read_json
+
+    path = Path(model_dir) / PREPROCESSOR_NAME
+    prep = Preprocessing.from_hf_dict(read_json(path), str(path)) if path.is_file() else Preprocessing(image_size, image_size)
+    if (prep.height, prep.width) != (image_size, image_size):
+        raise VitfoodError(f"{path}: resizes to {prep.height}x{prep.width} but the model's config.json "
+                           f"has image_size {image_size}")
+    return prep
