@@ -146,7 +146,7 @@ def open_image(src) -> Image.Image:
         empty = isinstance(src, (str, Path)) and Path(src).is_file() and Path(src).stat().st_size == 0
         raise BadImageError(f"{name}: {'empty file' if empty else 'not an image file'}") from None
     except OSError as e:
-        raise BadImageError(f"{name}: cannot read ({e})") from None
+        raise BadImageError(f"{name}: cannot decode ({e})") from None
 
 
 def exif_orientation(img: Image.Image) -> int:
