@@ -9,6 +9,8 @@ from pathlib import Path
 from vitfood.errors import VitfoodError
 from vitfood.model import SAFETENSORS_NAME, ViT, atomic_write_bytes, save_model
 
+__all__ = ["atomic_write_bytes", "prepare_output_dir", "save_best", "write_json", "MetricsLog"]
+
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
 BAD_IMAGES = "bad_images.txt"

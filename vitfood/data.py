@@ -274,6 +274,24 @@ def make_collate(height: int, width: int):
     return collate
 
 
+class BadImages:
+    """Unreadable images met so far (training and evaluation), and the limit on how many may be."""
+
+    def __init__(self, total_images: int, max_fraction: float):
+        self.found: dict[str, str] = {}  # image name -> reason
+        self.total, self.limit = total_images, max_fraction * total_images
+
+    def add(self, found: list[tuple[str, str]]) -> None:
+        self.found.update(found)
+        if found and len(self.found) > self.limit:
+            name, why = next(iter(self.found.items()))
+            raise VitfoodError(f"{len(self.found)} of {self.total} images are unreadable, more than "
+                               f"--max-bad-fraction allows; the first: {name}: {why}")
+
+    def lines(self) -> str:
+        return "".join(f"{name}\t{why}\n" for name, why in sorted(self.found.items()))
+
+
 # ---------------------------------------------------------------- samplers: order, shards, resume
 
 class TrainBatchSampler:

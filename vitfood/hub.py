@@ -15,47 +15,80 @@ _MODEL_FILES_REQUIRED = ("config.json",)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _reason(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {first[:160]}"
+HUB_HOST = "huggingface.co"
 
 
-def _hub_error(kind: str, repo_id: str, e: BaseException, flag: str) -> VitfoodError:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connect to the Hub: fails in milliseconds without DNS, where the client would retry for ~25 s."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_error(kind: str, repo_id: str, e: BaseException | None, flag: str) -> VitfoodError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     if isinstance(e, GatedRepoError):
         why = "it is gated: accept its terms on the Hub and log in with `hf auth login`"
     elif isinstance(e, RepositoryNotFoundError):
         why = "no such repository (or it is private)"
+    elif e is None:
+        why = "no connection to the Hub (offline, or HF_HUB_OFFLINE is set) and it is not in the local cache"
     else:
-        why = f"the Hub cannot be reached ({_reason(e)})"
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        why = f"{type(e).__name__}: {first}"
     return VitfoodError(f"cannot download {kind} {repo_id!r} from the Hugging Face Hub: {why}; "
                         f"to work offline pass a local folder with {flag} PATH")
 
 
+def _quiet_hub():
+    """huggingface_hub logs each failed request as a warning: our one error line says it better."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
 def download_model(repo_id: str) -> Path:
     """config.json, preprocessor_config.json and the weights (safetensors preferred) into the HF cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
+    _quiet_hub()
+    try:  # a model downloaded before works offline
+        return _download_model_files(repo_id, local_files_only=True)
+    except Exception:
+        pass
+    if not hub_reachable():
+        raise _hub_error("model", repo_id, None, "--model")
     try:
-        config = Path(hf_hub_download(repo_id, "config.json"))
-        try:
-            hf_hub_download(repo_id, "preprocessor_config.json")
-        except EntryNotFoundError:
-            pass  # the size then comes from config.json's image_size
-        for name in _WEIGHT_FILES:
-            try:
-                hf_hub_download(repo_id, name)
-                break
-            except EntryNotFoundError:
-                continue
-        else:
-            raise VitfoodError(f"model {repo_id!r} on the Hub has neither {' nor '.join(_WEIGHT_FILES)}")
+        return _download_model_files(repo_id, local_files_only=False)
     except VitfoodError:
         raise
-    except Exception as e:  # network, HTTP and cache errors all come here
+    except Exception as e:  # HTTP and cache errors all come here
         raise _hub_error("model", repo_id, e, "--model") from None
+
+
+def _download_model_files(repo_id: str, local_files_only: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def get(name: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, name, local_files_only=local_files_only))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+
+    config = get("config.json")
+    if config is None:
+        raise LocalEntryNotFoundError(f"{repo_id}: no config.json")
+    get("preprocessor_config.json")  # optional: the size then comes from config.json's image_size
+    if not any(get(name) for name in _WEIGHT_FILES):
+        raise VitfoodError(f"model {repo_id!r} has neither {' nor '.join(_WEIGHT_FILES)}")
     return config.parent
 
 
@@ -74,6 +107,12 @@ def download_split(repo_id: str, split: str, max_rows: int = 0) -> list[str]:
     from huggingface_hub import HfApi, hf_hub_download
     import pyarrow.parquet as pq
 
+    _quiet_hub()
+    if not hub_reachable():
+        cached = _cached_split(repo_id, split, max_rows)
+        if not cached:
+            raise _hub_error("dataset", repo_id, None, "--dataset")
+        return cached
     try:
         files = HfApi().list_repo_files(repo_id, repo_type="dataset")
         shards = split_shards(files, split)
@@ -91,3 +130,21 @@ def download_split(repo_id: str, split: str, max_rows: int = 0) -> list[str]:
         raise
     except Exception as e:
         raise _hub_error("dataset", repo_id, e, "--dataset") from None
+
+
+def _cached_split(repo_id: str, split: str, max_rows: int) -> list[str]:
+    """The split's shards from an earlier download, read from the local HF cache (offline)."""
+    from huggingface_hub import snapshot_download
+    import pyarrow.parquet as pq
+
+    try:
+        root = Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+    except Exception:
+        return []
+    paths, rows = [], 0
+    for rel in split_shards([p.relative_to(root).as_posix() for p in root.rglob("*.parquet")], split):
+        paths.append(str(root / rel))
+        rows += pq.ParquetFile(root / rel).metadata.num_rows
+        if max_rows and rows >= max_rows:
+            break
+    return paths

@@ -78,8 +78,7 @@ def train(cfg: TrainConfig) -> dict:
         f"accumulation x {d.world} process(es) = {cfg.batch_size * cfg.grad_accum_steps * d.world} images; "
         f"{device}, {precision}, {cfg.num_workers} workers")
     log = checkpoint.MetricsLog(out_dir / checkpoint.METRICS) if d.is_main else None
-    bad: dict[str, str] = {}  # image name -> reason, for bad_images.txt
-    max_bad = cfg.max_bad_fraction * len(splits.train)
+    bad = data.BadImages(len(splits.train) + len(splits.eval), cfg.max_bad_fraction)
 
     # ---- the loop
     step = 0
@@ -97,7 +96,7 @@ def train(cfg: TrainConfig) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             last_micro = (micro + 1) % cfg.grad_accum_steps == 0 or micro + 1 == micro_per_epoch
-            _note_bad(batch.bad, bad, max_bad, len(splits.train))
+            bad.add(batch.bad)
 
             pixels = prep.normalize(batch.pixels.to(device, non_blocking=True))
             labels = batch.labels.to(device, non_blocking=True)
@@ -155,20 +154,20 @@ def train(cfg: TrainConfig) -> dict:
             if d.is_main:
                 checkpoint.save_best(out_dir, model, base_config, prep.to_hf_dict(), best)
             barrier(d)
-        if d.is_main and bad:
-            _write_bad(out_dir, bad)
+        if d.is_main and bad.found:
+            checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
         t_log = time.perf_counter()  # evaluation time is not training throughput
 
     bar.close()
     if log is not None:
         log.close()
     say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); "
-        f"model saved to {out_dir}" + (f"; {len(bad)} unreadable image(s) skipped, see {out_dir / checkpoint.BAD_IMAGES}" if bad else ""))
+        f"model saved to {out_dir}" + (f"; {len(bad.found)} unreadable image(s) skipped, see {out_dir / checkpoint.BAD_IMAGES}" if bad.found else ""))
     return best
 
 
 @torch.no_grad()
-def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: dict) -> dict:
+def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: data.BadImages) -> dict:
     """Accuracy, top-5 and loss over the whole evaluation set, each image counted once across ranks."""
     net.eval()
     k = len(label_names)
@@ -176,7 +175,7 @@ def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: di
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.int64, device=device)
     for batch in loader:
-        bad.update(batch.bad)
+        bad.add(batch.bad)
         pixels = prep.normalize(batch.pixels.to(device, non_blocking=True))
         labels = batch.labels.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -191,19 +190,6 @@ def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: di
         return metrics.summarize(confusion, loss_sum.item(), int(top5.item()), label_names)
     except ValueError:
         raise VitfoodError("no evaluation image could be read; see bad_images.txt in the output folder") from None
-
-
-def _note_bad(found: list[tuple[str, str]], bad: dict, max_bad: float, total: int) -> None:
-    bad.update(found)
-    if found and len(bad) > max_bad:
-        name, why = next(iter(bad.items()))
-        raise VitfoodError(f"{len(bad)} of {total} training images are unreadable, more than --max-bad-fraction "
-                           f"allows; the first: {name}: {why}")
-
-
-def _write_bad(out_dir: Path, bad: dict) -> None:
-    lines = "".join(f"{name}\t{why}\n" for name, why in sorted(bad.items()))
-    checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, lines.encode())
 
 
 def _emit(record: dict, log, bar, d: Dist) -> None:

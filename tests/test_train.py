@@ -1,0 +1,99 @@
+"""The training loop, in process: accumulation, determinism, lr 0, bad data, output folder checks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_image_folder
+from vitfood.config import TrainConfig
+from vitfood.errors import VitfoodError
+from vitfood.model import load_model
+from vitfood.train_loop import train
+
+
+def config(backbone_dir, image_folder, out: Path, **overrides) -> TrainConfig:
+    base = dict(model=str(backbone_dir), dataset=str(image_folder), output_dir=str(out), epochs=1,
+                batch_size=8, eval_batch_size=16, grad_accum_steps=1, learning_rate=1e-3, num_workers=0,
+                logging_steps=1, warmup_ratio=0.0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_accumulating_4_batches_of_4_equals_one_batch_of_16(backbone_dir, tmp_path):
+    # 32 training images: two optimizer steps either way, over the same images in the same order,
+    # with the same crops (they depend on the seed, epoch and image only).
+    folder = make_image_folder(tmp_path / "img", per_class=16)  # 48 images, 16 held out
+    # With clipping on, equal gradients also give equal clipping; use a tiny lr-free comparison of both.
+    a = train(config(backbone_dir, folder, tmp_path / "a", batch_size=16, grad_accum_steps=1, test_size=1 / 3))
+    b = train(config(backbone_dir, folder, tmp_path / "b", batch_size=4, grad_accum_steps=4, test_size=1 / 3))
+    assert a["step"] == b["step"] == 2
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+    start, _ = load_model(backbone_dir, labels=["x", "y", "z"])
+    assert not torch.equal(wa["vit.layernorm.weight"], start.norm.weight.detach())  # it did train
+
+
+def test_same_seed_same_weights_whatever_the_worker_count(backbone_dir, image_folder, tmp_path):
+    train(config(backbone_dir, image_folder, tmp_path / "a", num_workers=2))
+    train(config(backbone_dir, image_folder, tmp_path / "b", num_workers=2))
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
+    # Workers change the images in no way; they change the CPU math threads (cores - workers),
+    # and with them the summation order of matmuls: equal to float32 rounding, not to the bit.
+    train(config(backbone_dir, image_folder, tmp_path / "c", num_workers=0))
+    wc = weights(tmp_path / "c")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], atol=1e-5, rtol=0, msg=k)
+    train(config(backbone_dir, image_folder, tmp_path / "d", seed=43))
+    assert not torch.equal(wa["classifier.weight"], weights(tmp_path / "d")["classifier.weight"])
+
+
+def test_learning_rate_zero_saves_the_backbone_bit_for_bit(backbone_dir, image_folder, tmp_path):
+    train(config(backbone_dir, image_folder, tmp_path / "out", learning_rate=0.0, epochs=2))
+    saved = weights(tmp_path / "out")
+    original = load_file(str(backbone_dir / "model.safetensors"))
+    backbone = {k: v for k, v in original.items() if not k.startswith("pooler.")}
+    assert len(backbone) == len(saved) - 2  # + classifier weight and bias
+    for k, v in backbone.items():
+        assert torch.equal(saved["vit." + k], v), k
+
+
+def test_unreadable_training_images_are_skipped_and_listed(backbone_dir, tmp_path):
+    folder = make_image_folder(tmp_path / "img", per_class=20)
+    (folder / "green_disc" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "red_stripes" / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    result = train(config(backbone_dir, folder, out, max_bad_fraction=0.05))
+    listed = (out / "bad_images.txt").read_text()
+    assert "broken.jpg" in listed and "empty.png" in listed and "empty file" in listed
+    assert result["eval_samples"] + len(listed.splitlines()) >= 13  # 62 images, ceil(0.2 x 62) held out
+    with pytest.raises(VitfoodError, match=r"unreadable, more than --max-bad-fraction"):
+        train(config(backbone_dir, folder, tmp_path / "strict", max_bad_fraction=0.0))
+
+
+def test_output_folder_is_checked_before_training(backbone_dir, image_folder, tmp_path):
+    out = tmp_path / "out"
+    train(config(backbone_dir, image_folder, out))
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(VitfoodError, match="already holds a trained model"):
+        train(config(backbone_dir, image_folder, out))
+    assert (out / "model.safetensors").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(VitfoodError, match="cannot write there|not a folder"):
+        train(config(backbone_dir, image_folder, tmp_path / "file" / "sub"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("batch_size", 0, "--batch-size must be at least 1"),
+    ("test_size", 1.5, "--test-size must be between 0 and 1"),
+    ("precision", "fp16", "fp16 needs a CUDA GPU"),
+])
+def test_bad_settings_are_named(backbone_dir, image_folder, tmp_path, flag, value, message):
+    with pytest.raises(VitfoodError, match=message):
+        train(config(backbone_dir, image_folder, tmp_path / "o", **{flag: value}))
