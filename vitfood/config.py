@@ -43,7 +43,7 @@ class TrainConfig:
     max_eval_samples: int = _opt(0, "cap the evaluation images (the first N of --eval-split); 0 = all", "data")
     test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data")
     flip: bool = _opt(True, "random horizontal flip during training", "data")
-    num_workers: int = _opt(default_num_workers(), "DataLoader worker processes (default: CPU cores - 1, at most 16)", "data")
+    num_workers: int = _opt(default_num_workers(), "DataLoader worker processes; the default is this machine's CPU cores - 1, at most 16", "data")
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of images is unreadable "
                                    "(they are skipped and listed in bad_images.txt up to then)", "data")
 
@@ -109,6 +109,7 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
             kwargs["metavar"] = f.name.split("_")[-1].upper()
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            kwargs.pop("metavar")
         group.add_argument(flag, **kwargs)
     return parser
 
