@@ -1,0 +1,109 @@
+"""Shared by the benchmarks: realistic JPEGs, random-init checkpoints, versions, a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Natural-image statistics without a download: smooth colour fields, edges, texture and noise.
+
+    Flat colour or pure noise decode at very different speeds from photos; this sits between, with a
+    1/f-like spectrum (blurred noise at several scales) plus a few hard-edged shapes.
+    """
+    w, h = size
+    img = np.zeros((h, w, 3), np.float32)
+    for scale, weight in ((64, 90.0), (16, 45.0), (4, 20.0), (1, 8.0)):
+        small = rng.normal(0, 1, (max(1, h // scale), max(1, w // scale), 3)).astype(np.float32)
+        layer = Image.fromarray(np.uint8(np.clip(small * 40 + 128, 0, 255))).resize((w, h), Image.BICUBIC)
+        img += (np.asarray(layer, np.float32) - 128) * weight / 40
+    img += rng.uniform(60, 190, 3)
+    pil = Image.fromarray(np.uint8(np.clip(img, 0, 255)))
+    from PIL import ImageDraw
+
+    d = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(3, 9))):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(10, max(11, min(w, h) // 3)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)([x - r, y - r, x + r, y + r], fill=colour)
+    return pil.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def make_jpeg_folder(root: Path, n: int, classes: int = 4, seed: int = 0) -> Path:
+    """Food-101-like JPEGs: at most 512 px a side (most 512 x 384..512), quality 90, one folder per class."""
+    rng = np.random.default_rng(seed)
+    if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
+        return root
+    for i in range(n):
+        cls = root / f"class_{i % classes:02d}"
+        cls.mkdir(parents=True, exist_ok=True)
+        size = (512, int(rng.integers(384, 513))) if rng.random() < 0.7 else (int(rng.integers(300, 513)), 512)
+        photo_like(rng, size).save(cls / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def make_vit_checkpoint(path: Path, *, size: str = "tiny", labels: int = 0, image_size: int = 224) -> Path:
+    """Random-init ViT saved by transformers (no download): 'tiny' for CPU smoke runs, 'base' = ViT-B/16."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
+
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    dims = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16) \
+        if size == "base" else dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=16)
+    if labels:
+        cfg = ViTConfig(image_size=image_size, **dims, id2label={i: f"class_{i}" for i in range(labels)},
+                        label2id={f"class_{i}": i for i in range(labels)})
+        ViTForImageClassification(cfg).save_pretrained(path)
+    else:
+        ViTModel(ViTConfig(image_size=image_size, **dims)).save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    for name in ("torchvision", "transformers", "PIL"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = "absent"
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({_cores()} cores)"
+    return out
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:,.2f}" if isinstance(v, float) else str(v)
+
+
+def write_jsonl(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({**r, **versions()}) + "\n")
