@@ -16,13 +16,17 @@ def train_main(argv: list[str] | None = None) -> int:
     from vitfood.config import parse_config
 
     cfg = parse_config(argv)
-    try:
-        from vitfood.train_loop import train
+    from vitfood.train_loop import TrainingInterrupted, train
 
+    try:
         train(cfg)
     except VitfoodError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as e:
+        print(f"train.py: {e} after saving {e.checkpoint_dir}; to continue exactly where it stopped, run the "
+              f"same command with --resume-from-checkpoint", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     return 0
 
 

@@ -71,6 +71,17 @@ class TrainConfig:
     logging_steps: int = _opt(10, "a log line every N optimizer steps", "output")
     overwrite_output_dir: bool = _opt(False, "allow training into a folder that already holds a trained model", "output")
 
+    # ---- checkpoints and faults
+    save_steps: int = _opt(0, "also save a resumable checkpoint every N optimizer steps (one is always saved at "
+                           "each epoch's end and on SIGTERM/SIGINT); 0 = epoch ends only", "checkpoints")
+    save_total_limit: int = _opt(0, "keep at most N checkpoints, never removing the newest or the best; 0 = all",
+                                 "checkpoints")
+    resume_from_checkpoint: str | None = _opt(None, "continue a run exactly where it stopped: from PATH, or with "
+                                              "no PATH from the newest checkpoint in --output-dir", "checkpoints",
+                                              nargs="?", const="latest")
+    skip_nonfinite: int = _opt(0, "skip up to N optimizer steps whose loss or gradient is NaN/inf instead of "
+                               "stopping at the first", "checkpoints")
+
     def validate(self) -> None:
         from vitfood.errors import VitfoodError
 
@@ -78,7 +89,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise VitfoodError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_train_samples", "max_eval_samples", "num_workers"):
+        for name in ("max_train_samples", "max_eval_samples", "num_workers", "save_steps", "save_total_limit",
+                     "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise VitfoodError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not 0 < self.test_size < 1:
@@ -106,7 +118,10 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = str if hint in (str, str | None) else hint
-            kwargs["metavar"] = f.name.split("_")[-1].upper()
+            kwargs["metavar"] = "PATH" if f.metadata.get("nargs") else f.name.split("_")[-1].upper()
+        for key in ("nargs", "const"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar")

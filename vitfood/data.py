@@ -341,9 +341,13 @@ class EvalBatchSampler:
             yield [int(i) for i in self.indices[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
-def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_workers: int, pin_memory: bool,
+                seed: int) -> DataLoader:
+    # The loader's own generator: its worker seeds are then not drawn from the global torch RNG,
+    # which a resumed run restores to the checkpoint's state and must not see consumed differently.
     return DataLoader(
         dataset,
+        generator=torch.Generator().manual_seed(seed),
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=make_collate(prep.height, prep.width),

@@ -1,0 +1,184 @@
+"""Reliability: exact resumption after signals and crashes, atomic checkpoints, safe loading, faults."""
+
+import json
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, make_image_folder, run
+
+COMMON = ["--epochs", 2, "--batch-size", 4, "--grad-accum-steps", 2, "--learning-rate", 1e-3,
+          "--logging-steps", 1, "--save-steps", 1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("res"), per_class=9)  # 27 images: 21 train = 6 batches = 3 steps/epoch
+
+
+def train_args(backbone_dir, folder, out, workers):
+    return ["--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--num-workers", workers, *COMMON]
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "train"]
+
+
+def evals(out):
+    return [(r["step"], r["eval_accuracy"], r["eval_loss"])
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+
+
+def last_checkpoint(out):
+    return sorted((out / "checkpoints").glob("step-*"))[-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, backbone_dir, folder):
+    outs = {}
+    for workers in (0, 2):
+        out = tmp_path_factory.mktemp(f"full{workers}") / "out"
+        r = run("train.py", *train_args(backbone_dir, folder, out, workers))
+        assert r.returncode == 0, r.stderr
+        outs[workers] = out
+    return outs
+
+
+def assert_same_run(a, b):
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (last_checkpoint(a) / "model.safetensors").read_bytes() == \
+        (last_checkpoint(b) / "model.safetensors").read_bytes()
+    assert losses(a) == losses(b) and evals(a) == evals(b)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_then_resume_gives_the_same_weights_and_losses(backbone_dir, folder, uninterrupted, tmp_path, workers):
+    out = tmp_path / "out"
+    args = [sys.executable, str(ROOT / "train.py"), *map(str, train_args(backbone_dir, folder, out, workers))]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-00000002").exists():  # mid-epoch 1
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume-from-checkpoint" in err and "Traceback" not in err
+    stopped_at = int(last_checkpoint(out).name[5:])
+    assert 2 <= stopped_at < 6
+    r = run("train.py", *train_args(backbone_dir, folder, out, workers), "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {out / 'checkpoints'}" in r.stderr
+    assert_same_run(uninterrupted[workers], out)
+
+
+@pytest.mark.parametrize("step", [2, 3, 4])  # mid-epoch; the first epoch's end (after its evaluation); mid-epoch 2
+def test_resume_from_a_chosen_checkpoint(backbone_dir, folder, uninterrupted, tmp_path, step):
+    full = uninterrupted[0]
+    out = tmp_path / "out"
+    shutil.copytree(full, out)
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        if int(ckpt.name[5:]) > step:
+            shutil.rmtree(ckpt)
+    for name in ("model.safetensors", "config.json", "eval_results.json"):
+        (out / name).unlink()  # as if the run had died before saving any of its later results
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert (last_checkpoint(out) / "model.safetensors").read_bytes() == \
+        (last_checkpoint(full) / "model.safetensors").read_bytes()
+    assert losses(out) == losses(full)
+
+
+def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(backbone_dir, folder, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    # A real process, really killed (SIGKILL, no clean-up) while it writes its 5th checkpoint's files (steps 1, 2, 3, 4 saved whole).
+    crash = ("import os, signal, sys; import vitfood.checkpoint as c; real = c._fsync_write; n = [0]\n"
+             "def write(path, data):\n"
+             "    n[0] += 1\n"
+             "    if n[0] == 4 * 4 + 2:\n"
+             "        real(path, data[: len(data) // 2]); os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    real(path, data)\n"
+             "c._fsync_write = write\n"
+             "from vitfood.cli import train_main; sys.exit(train_main(sys.argv[1:]))")
+    args = [sys.executable, "-c", crash, *map(str, train_args(backbone_dir, folder, out, 0))]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == -signal.SIGKILL
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))][-1] == "step-00000004"
+    assert list((out / "checkpoints").glob(".tmp-*"))  # the half-written save is there, and ignored
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert "step 4" in r.stderr
+    assert_same_run(uninterrupted[0], out)
+
+
+def test_a_malicious_optimizer_pickle_is_refused(backbone_dir, folder, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[0], out)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (last_checkpoint(out) / "optimizer.pt").write_bytes(pickle.dumps({"state": Evil()}))
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--resume-from-checkpoint")
+    assert r.returncode == 2 and "refused to load" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_incompatible_resume_says_what_differs_and_harmless_changes_warn(backbone_dir, folder, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[0], out)
+    args = train_args(backbone_dir, folder, out, 0)
+    r = run("train.py", *args, "--batch-size", 8, "--resume-from-checkpoint")
+    assert r.returncode == 2 and "batch_size: 4 then, 8 now" in r.stderr
+    other = make_image_folder(tmp_path / "other", per_class=9, classes=("a", "b", "c"))
+    r = run("train.py", *args, "--dataset", other, "--resume-from-checkpoint")
+    assert r.returncode == 2 and "labels:" in r.stderr and "dataset:" in r.stderr
+    r = run("train.py", *args, "--epochs", 3, "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert "warning: resuming with changed settings (epochs)" in r.stderr
+    assert max(s for s, _ in losses(out)) == 9
+
+
+def test_no_checkpoint_to_resume(backbone_dir, folder, tmp_path):
+    r = run("train.py", *train_args(backbone_dir, folder, tmp_path / "new", 0), "--resume-from-checkpoint")
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr
+
+
+def test_save_total_limit_keeps_the_newest_and_the_best(backbone_dir, folder, tmp_path):
+    out = tmp_path / "out"
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--save-total-limit", 2)
+    assert r.returncode == 0, r.stderr
+    kept = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    best_step = json.loads((out / "eval_results.json").read_text())["step"]
+    assert 6 in kept and best_step in kept and len(kept) <= 2
+
+
+def test_nonfinite_loss_stops_before_the_step(backbone_dir, folder, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    # A pretrained checkpoint with one corrupt (NaN) value: every loss is NaN from the first step.
+    bad_ckpt = tmp_path / "nan-model"
+    shutil.copytree(backbone_dir, bad_ckpt)
+    weights = load_file(str(bad_ckpt / "model.safetensors"))
+    weights["layernorm.weight"][0] = float("nan")
+    save_file(weights, str(bad_ckpt / "model.safetensors"))
+    out = tmp_path / "out"
+    args = train_args(backbone_dir, folder, out, 0)
+    args[1] = bad_ckpt
+    r = run("train.py", *args)
+    assert r.returncode == 2 and "non-finite loss or gradient norm at optimizer step 1 (epoch 1)" in r.stderr
+    assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+    r = run("train.py", *args, "--skip-nonfinite", 2)
+    assert r.returncode == 2 and "at optimizer step 3" in r.stderr
+    assert r.stderr.count("skipped optimizer step") == 2
+    assert torch.isfinite(load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))["blocks.0.fc1.weight"]).all()
