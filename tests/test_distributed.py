@@ -1,0 +1,79 @@
+"""torchrun with 2 CPU processes (gloo) against one process: the same training and the same evaluation."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, make_image_folder, run
+
+
+def torchrun(*args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *map(str, args), "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # 27 images, 7 held out with --test-size 0.25 (an odd evaluation set), 20 for training (even: with
+    # an odd count, 2 ranks would leave one image out of each epoch, one process would not).
+    return make_image_folder(tmp_path_factory.mktemp("ddp"), per_class=9)
+
+
+def common(backbone_dir, folder, out):
+    return ["--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--epochs", 2, "--test-size", 0.25,
+            "--grad-accum-steps", 2, "--learning-rate", 1e-3, "--num-workers", 0, "--logging-steps", 1,
+            "--save-steps", 1]
+
+
+def test_two_processes_of_batch_b_equal_one_of_batch_2b(backbone_dir, folder, tmp_path):
+    # Augmentation stays on: each crop depends on (seed, epoch, image) only, not on the process.
+    one = run("train.py", *common(backbone_dir, folder, tmp_path / "one"), "--batch-size", 8,
+              env_extra={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*common(backbone_dir, folder, tmp_path / "two"), "--batch-size", 4)
+    assert two.returncode == 0, two.stderr
+    assert "x 2 process(es) = 16 images" in two.stderr
+    a, b = (load_file(str(sorted((tmp_path / n / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+            for n in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    logs = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logs if x["type"] == "train"] == [1, 2, 3, 4]
+
+
+def test_evaluation_counts_each_image_once_across_processes(backbone_dir, folder, tmp_path):
+    args = [*common(backbone_dir, folder, tmp_path / "x"), "--learning-rate", 0, "--epochs", 1, "--batch-size", 4]
+    one = run("train.py", *args)
+    assert one.returncode == 0, one.stderr
+    r1 = json.loads((tmp_path / "x" / "eval_results.json").read_text())
+    shutil.rmtree(tmp_path / "x")
+    two = torchrun(*args)
+    assert two.returncode == 0, two.stderr
+    r2 = json.loads((tmp_path / "x" / "eval_results.json").read_text())
+    assert r1["eval_samples"] == r2["eval_samples"] == 7
+    assert r1["eval_accuracy"] == r2["eval_accuracy"]
+    assert r1["eval_loss"] == pytest.approx(r2["eval_loss"], abs=1e-6)
+    assert r1["per_class_accuracy"] == r2["per_class_accuracy"]
+
+
+def test_resume_under_torchrun(backbone_dir, folder, tmp_path):
+    full = tmp_path / "full"
+    r = torchrun(*common(backbone_dir, folder, full), "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for ckpt in (part / "checkpoints").glob("step-*"):
+        if int(ckpt.name[5:]) > 1:  # resume mid-epoch 1
+            shutil.rmtree(ckpt)
+    r = torchrun(*common(backbone_dir, folder, part), "--batch-size", 4, "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    last = [sorted((d / "checkpoints").glob("step-*"))[-1] / "model.safetensors" for d in (full, part)]
+    assert last[0].read_bytes() == last[1].read_bytes()
