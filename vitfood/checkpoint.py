@@ -1,4 +1,4 @@
-"""The output folder: checked before training, the best model written atomically into it."""
+"""The output folder: checked before training, the best model and resumable checkpoints written atomically."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import os
 from pathlib import Path
 
 from vitfood.errors import VitfoodError
-from vitfood.model import SAFETENSORS_NAME, ViT, atomic_write_bytes, save_model
-
-__all__ = ["atomic_write_bytes", "prepare_output_dir", "save_best", "write_json", "MetricsLog"]
+from vitfood.model import SAFETENSORS_NAME, ViT, atomic_write_bytes, save_model  # noqa: F401 (re-exported)
 
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
