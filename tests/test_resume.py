@@ -182,3 +182,34 @@ def test_nonfinite_loss_stops_before_the_step(backbone_dir, folder, tmp_path):
     assert r.returncode == 2 and "at optimizer step 3" in r.stderr
     assert r.stderr.count("skipped optimizer step") == 2
     assert torch.isfinite(load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))["blocks.0.fc1.weight"]).all()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 450 KB file system (tmpfs): room for one tiny-model checkpoint, not two."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=450k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a tmpfs (root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_stops_with_the_previous_checkpoint_intact(backbone_dir, folder, uninterrupted, small_disk):
+    out = small_disk / "out"
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "No space left on device" in r.stderr and "previous checkpoints are intact" in r.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # no half-written leftovers
+    # More room, then resume: nothing was lost, the run ends exactly as an uninterrupted one.
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert_same_run(uninterrupted[0], out)
+
+
+def test_a_read_only_output_folder_fails_before_training(backbone_dir, folder, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    r = run("train.py", *train_args(backbone_dir, folder, small_disk / "out", 0))
+    assert r.returncode == 2 and "cannot write there (Read-only file system)" in r.stderr
+    assert "train:" not in r.stderr  # no step was taken
