@@ -135,3 +135,28 @@ def test_eval_sampler_counts_each_image_once():
     shards = [list(EvalBatchSampler(11, 4, rank=r, world=3)) for r in range(3)]
     seen = sorted(i for shard in shards for batch in shard for i in batch)
     assert seen == list(range(11))
+
+
+def test_hub_split_fetches_only_the_shards_it_needs(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from vitfood.hub import _first_shards, split_shards
+
+    files = ["README.md", "data/validation-00000-of-00001.parquet", "data/train-00001-of-00003.parquet",
+             "data/train-00000-of-00003.parquet", "data/train-00002-of-00003.parquet", "data/training-x.parquet"]
+    assert split_shards(files, "train") == [f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.parquet"))
+        pq.write_table(pa.table({"x": list(range(10))}), paths[-1])
+    asked = []
+
+    def download(ps):  # lazily, as the Hub download is: record which shards were fetched
+        for p in ps:
+            asked.append(p)
+            yield p
+
+    assert _first_shards(download(paths), 15) == paths[:2] and asked == paths[:2]
+    assert _first_shards(iter(paths), 10) == paths[:1]
+    assert _first_shards(iter(paths), 0) == paths

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from vitfood.errors import VitfoodError
-from vitfood.model import SAFETENSORS_NAME, ViT, atomic_write_bytes, save_model  # noqa: F401 (re-exported)
+from vitfood.model import SAFETENSORS_NAME, ViT, atomic_write_bytes, fsync_write, save_model  # noqa: F401 (re-exported)
 
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
@@ -69,13 +69,6 @@ STATE_FILE = "trainer_state.json"
 _CKPT_PREFIX = "step-"
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -119,12 +112,12 @@ def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_s
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _fsync_write(tmp / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}))
+        fsync_write(tmp / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}))
         for name, obj in (("optimizer.pt", optimizer_state), ("rng_state.pt", rng_state)):
             buf = io.BytesIO()
             torch.save(obj, buf)
-            _fsync_write(tmp / name, buf.getvalue())
-        _fsync_write(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
+            fsync_write(tmp / name, buf.getvalue())
+        fsync_write(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
         _fsync_dir(tmp)
         old = None
         if final.exists():  # the same step saved again (an epoch-end save after a --save-steps one)

@@ -105,7 +105,6 @@ def download_split(repo_id: str, split: str, max_rows: int = 0) -> list[str]:
     only the first shard, where `load_dataset` would fetch all of them.
     """
     from huggingface_hub import HfApi, hf_hub_download
-    import pyarrow.parquet as pq
 
     _quiet_hub()
     if not hub_reachable():
@@ -118,14 +117,7 @@ def download_split(repo_id: str, split: str, max_rows: int = 0) -> list[str]:
         shards = split_shards(files, split)
         if not shards:
             raise VitfoodError(f"dataset {repo_id!r} has no parquet files for split {split!r} on the Hub")
-        paths, rows = [], 0
-        for shard in shards:
-            path = hf_hub_download(repo_id, shard, repo_type="dataset")
-            paths.append(path)
-            rows += pq.ParquetFile(path).metadata.num_rows
-            if max_rows and rows >= max_rows:
-                break
-        return paths
+        return _first_shards((hf_hub_download(repo_id, shard, repo_type="dataset") for shard in shards), max_rows)
     except VitfoodError:
         raise
     except Exception as e:
@@ -135,16 +127,24 @@ def download_split(repo_id: str, split: str, max_rows: int = 0) -> list[str]:
 def _cached_split(repo_id: str, split: str, max_rows: int) -> list[str]:
     """The split's shards from an earlier download, read from the local HF cache (offline)."""
     from huggingface_hub import snapshot_download
-    import pyarrow.parquet as pq
 
     try:
         root = Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
     except Exception:
         return []
-    paths, rows = [], 0
-    for rel in split_shards([p.relative_to(root).as_posix() for p in root.rglob("*.parquet")], split):
-        paths.append(str(root / rel))
-        rows += pq.ParquetFile(root / rel).metadata.num_rows
+    shards = split_shards([p.relative_to(root).as_posix() for p in root.rglob("*.parquet")], split)
+    return _first_shards((str(root / rel) for rel in shards), max_rows)
+
+
+def _first_shards(paths, max_rows: int) -> list[str]:
+    """Take shard paths in order (a lazy iterable: a download happens only when asked for) until
+    they hold `max_rows` rows, read from each parquet footer; 0 = all of them."""
+    import pyarrow.parquet as pq
+
+    taken, rows = [], 0
+    for path in paths:
+        taken.append(path)
+        rows += pq.ParquetFile(path).metadata.num_rows
         if max_rows and rows >= max_rows:
             break
-    return paths
+    return taken

@@ -346,13 +346,18 @@ def count_flops_per_image(arch: ViTArch, num_labels: int) -> float:
     return arch.num_hidden_layers * per_block + patch + 2 * d * num_labels
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write and fsync: the bytes are on the disk, not only in the page cache, when this returns."""
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fsync_write(tmp, data)
     os.replace(tmp, path)
 
 

@@ -220,8 +220,10 @@ def train_crop(img: Image.Image, prep: Preprocessing, rng: np.random.Generator, 
     For JPEGs whose crop is at least twice the output size, the decoder is asked for a reduced
     image (DCT-domain scaling, `Image.draft`): it skips most of the decode and resize work.
     """
-    oriented = exif_orientation(img) == 1
-    full_w, full_h = _oriented_size(img)
+    orientation = exif_orientation(img)
+    oriented = orientation == 1
+    # Orientations 5-8 swap the axes: the crop is drawn in the picture as shown, not as stored.
+    full_w, full_h = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
     left, top, w, h = random_resized_crop_box(full_w, full_h, rng)
     if img.format == "JPEG" and oriented and img.mode in ("RGB", "L"):
         reduce = min(w / prep.width, h / prep.height)
@@ -234,12 +236,6 @@ def train_crop(img: Image.Image, prep: Preprocessing, rng: np.random.Generator, 
     if flip and rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
-
-
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    """Size after the EXIF rotation, read without decoding: orientations 5-8 swap the axes."""
-    w, h = img.size
-    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def load_preprocessing(model_dir: Path, image_size: int) -> Preprocessing:
