@@ -44,6 +44,10 @@ class TrainConfig:
     test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data")
     flip: bool = _opt(True, "random horizontal flip during training", "data")
     num_workers: int = _opt(default_num_workers(), "DataLoader worker processes; the default is this machine's CPU cores - 1, at most 16", "data")
+    decode_cache: str = _opt("auto", "keep each image's decoded pixels in --output-dir/decoded-images after its first "
+                             "use, so later epochs skip the decoding (removed when training ends). auto: on when "
+                             "training several epochs in one process and the cache fits in half the free disk",
+                             "data", choices=("auto", "on", "off"))
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of images is unreadable "
                                    "(they are skipped and listed in bad_images.txt up to then)", "data")
 

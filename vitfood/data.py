@@ -6,7 +6,8 @@ Design, driven by exact resumption and many processes:
   which worker, or how many, decoded it, so a run can be resumed from any optimizer step by
   skipping batches, and N processes see exactly the batches that one process would.
 - Workers decode and resize only, handing over uint8 HWC arrays; the float conversion and the
-  normalisation run on the device (`Preprocessing.normalize`).
+  normalisation run on the device (`Preprocessing.normalize`). With the decoded-image cache
+  (`image_cache.py`), later epochs skip the decoding too.
 - An unreadable image does not stop the epoch: the worker reports it, the batch goes on without it.
 """
 
@@ -22,7 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitfood.errors import VitfoodError
-from vitfood.preprocess import BadImageError, Preprocessing, load_rgb, open_image, train_crop
+from vitfood.image_cache import ImageCache
+from vitfood.preprocess import (BadImageError, Preprocessing, decode_for_training, load_rgb, open_image,
+                                 random_crop_resize, training_pixels_cap)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 
@@ -210,10 +213,15 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
 # ---------------------------------------------------------------- torch datasets: decode in workers
 
 class TrainImages(Dataset):
-    """Item (index, epoch) -> (uint8 HWC crop or None, label, None or (image name, why it is unreadable))."""
+    """Item (index, epoch) -> (uint8 HWC crop or None, label, None or (image name, why it is unreadable)).
 
-    def __init__(self, records: Records, prep: Preprocessing, seed: int, flip: bool):
-        self.records, self.prep, self.seed, self.flip = records, prep, seed, flip
+    With a cache, an image is decoded the first time it is drawn and read back afterwards; the
+    crop is drawn from the same pixels either way.
+    """
+
+    def __init__(self, records: Records, prep: Preprocessing, seed: int, flip: bool, cache: ImageCache | None = None):
+        self.records, self.prep, self.seed, self.flip, self.cache = records, prep, seed, flip, cache
+        self.max_pixels = training_pixels_cap(prep)
 
     def __len__(self):
         return len(self.records)
@@ -221,28 +229,36 @@ class TrainImages(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         rng = np.random.default_rng([self.seed, epoch, index])
-        try:
-            img = open_image(self.records.source(index))
-            pixels = train_crop(img, self.prep, rng, self.flip, self.records.name(index))
-        except BadImageError as e:
-            return None, int(self.records.labels[index]), (self.records.name(index), _reason(e, self.records.name(index)))
-        return pixels, int(self.records.labels[index]), None
+        pixels = self.cache.get(index) if self.cache is not None else None
+        if pixels is None:
+            name = self.records.name(index)
+            try:
+                pixels = decode_for_training(open_image(self.records.source(index)), self.max_pixels, name)
+            except BadImageError as e:
+                return None, int(self.records.labels[index]), (name, _reason(e, name))
+            if self.cache is not None:
+                self.cache.put(index, pixels)
+        return random_crop_resize(pixels, self.prep, rng, self.flip), int(self.records.labels[index]), None
 
 
 class EvalImages(Dataset):
     """Item index -> (uint8 HWC resized image or None, label, None or (image name, why it is unreadable))."""
 
-    def __init__(self, records: Records, prep: Preprocessing):
-        self.records, self.prep = records, prep
+    def __init__(self, records: Records, prep: Preprocessing, cache: ImageCache | None = None):
+        self.records, self.prep, self.cache = records, prep, cache
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, index):
-        try:
-            pixels = self.prep.eval_resize(load_rgb(self.records.source(index)))
-        except BadImageError as e:
-            return None, int(self.records.labels[index]), (self.records.name(index), _reason(e, self.records.name(index)))
+        pixels = self.cache.get(index) if self.cache is not None else None
+        if pixels is None:
+            try:
+                pixels = self.prep.eval_resize(load_rgb(self.records.source(index)))
+            except BadImageError as e:
+                return None, int(self.records.labels[index]), (self.records.name(index), _reason(e, self.records.name(index)))
+            if self.cache is not None:
+                self.cache.put(index, pixels)
         return pixels, int(self.records.labels[index]), None
 
 

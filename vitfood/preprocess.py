@@ -213,29 +213,58 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_crop(img: Image.Image, prep: Preprocessing, rng: np.random.Generator, flip: bool,
-               name: str = "<image>") -> np.ndarray:
-    """RandomResizedCrop (+ horizontal flip) of an opened, not yet decoded image -> uint8 HWC.
+def training_pixels_cap(prep: Preprocessing, min_scale: float = 0.08, min_ratio: float = 3 / 4) -> int:
+    """The most pixels a training image needs: beyond it no crop is ever enlarged to the model's size.
 
-    For JPEGs whose crop is at least twice the output size, the decoder is asked for a reduced
-    image (DCT-domain scaling, `Image.draft`): it skips most of the decode and resize work.
+    The smallest RandomResizedCrop covers min_scale of the area at aspect min_ratio, so its short
+    side is sqrt(min_scale * min_ratio * area); keeping that at least the model's side gives this cap
+    (0.84 MP at 224 px). Food-101's images (at most 512 px a side) stay whole; a 12 MP photo is
+    decoded at reduced size, which costs nothing the crops could have used.
     """
-    orientation = exif_orientation(img)
-    oriented = orientation == 1
-    # Orientations 5-8 swap the axes: the crop is drawn in the picture as shown, not as stored.
-    full_w, full_h = img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
-    left, top, w, h = random_resized_crop_box(full_w, full_h, rng)
-    if img.format == "JPEG" and oriented and img.mode in ("RGB", "L"):
-        reduce = min(w / prep.width, h / prep.height)
-        if reduce >= 2:
-            img.draft(img.mode, (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
-    img = to_rgb(img, name)
-    sx, sy = img.size[0] / full_w, img.size[1] / full_h
-    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    out = img.resize((prep.width, prep.height), prep.resample, box=box)
+    side = max(prep.height, prep.width)
+    return math.ceil(side * side / (min_scale * min_ratio))
+
+
+def decode_for_training(img: Image.Image, max_pixels: int, name: str = "<image>") -> np.ndarray:
+    """An opened image -> uint8 HWC RGB, as shown (EXIF applied), shrunk to at most `max_pixels`.
+
+    Deterministic per image, whatever crop is drawn from it later: the same array whether it is
+    decoded now or read back from the decoded-image cache (`image_cache.py`), so a run gives the
+    same pixels with and without the cache, and a resumed run the same as an uninterrupted one.
+    """
+    w, h = img.size
+    if w * h > max_pixels:
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            # DCT-domain scaling: decodes at 1/2, 1/4 or 1/8 size, at least the requested size.
+            scale = math.sqrt(max_pixels / (w * h))
+            img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
+        img = to_rgb(img, name)
+        w, h = img.size
+        if w * h > max_pixels:
+            scale = math.sqrt(max_pixels / (w * h))
+            img = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BILINEAR, reducing_gap=None)
+    else:
+        img = to_rgb(img, name)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy refuses read-only memory
+
+
+def random_crop_resize(pixels: np.ndarray, prep: Preprocessing, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """RandomResizedCrop (+ horizontal flip) of a uint8 HWC image -> uint8 HWC of the model's size.
+
+    The resize is torch's antialiased bilinear on uint8, the filter of the guide's RandomResizedCrop.
+    The crop is copied into channels-last (HWC) memory first: torch then takes its vectorised uint8
+    path and returns channels-last too, so the HWC result needs no transposing copy. 0.1 ms a crop
+    on one core here, against 0.3 ms from the strided slice and 0.65 ms for Pillow.
+    """
+    h, w = pixels.shape[:2]
+    left, top, cw, ch = random_resized_crop_box(w, h, rng)
+    crop = torch.from_numpy(pixels[top : top + ch, left : left + cw]).permute(2, 0, 1).unsqueeze(0)
+    out = torch.nn.functional.interpolate(crop.contiguous(memory_format=torch.channels_last),
+                                          size=(prep.height, prep.width), mode="bilinear", antialias=True,
+                                          align_corners=False)[0].permute(1, 2, 0)
     if flip and rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+        out = out.flip(1)
+    return np.ascontiguousarray(out.numpy())
 
 
 def load_preprocessing(model_dir: Path, image_size: int) -> Preprocessing:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vitfood import checkpoint, data, metrics
+from vitfood import checkpoint, data, image_cache, metrics
 from vitfood.config import TrainConfig, usable_cores
 from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier, init_distributed, resolve_device, resolve_precision
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model, resolve_model_dir
 from vitfood.optim import build_optimizer, lr_at, warmup_steps_for
-from vitfood.preprocess import load_preprocessing
+from vitfood.preprocess import load_preprocessing, training_pixels_cap
 
 
 class TrainingInterrupted(Exception):
@@ -70,10 +71,15 @@ def train(cfg: TrainConfig) -> dict:
     num_labels = len(splits.label_names)
 
     pin = device.type == "cuda"
+    cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep), seed=cfg.seed)
+    use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir)
+    cache_dir = out_dir / "decoded-images" / f"rank-{d.rank}"
+    train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train)) if use_cache else None
+    eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval)) if use_cache else None
     train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
-    train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip),
+    train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache),
                                     train_sampler, prep, cfg.num_workers, pin, cfg.seed)
-    eval_loader = data.make_loader(data.EvalImages(splits.eval, prep),
+    eval_loader = data.make_loader(data.EvalImages(splits.eval, prep, eval_cache),
                                    data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
                                    prep, cfg.num_workers, pin, cfg.seed)
 
@@ -144,7 +150,7 @@ def train(cfg: TrainConfig) -> dict:
     say(f"vitfood: {len(splits.train)} training / {len(splits.eval)} evaluation images, {num_labels} classes; "
         f"{cfg.epochs} epochs x {steps_per_epoch} optimizer steps of {cfg.batch_size} x {cfg.grad_accum_steps} "
         f"accumulation x {d.world} process(es) = {cfg.batch_size * cfg.grad_accum_steps * d.world} images; "
-        f"{device}, {precision}, {cfg.num_workers} workers")
+        f"{device}, {precision}, {cfg.num_workers} workers; decoded-image cache {cache_note}")
     if d.is_main and cfg.resume_from_checkpoint is not None:
         checkpoint.truncate_metrics(out_dir / checkpoint.METRICS, run["step"])
     log = checkpoint.MetricsLog(out_dir / checkpoint.METRICS, append=cfg.resume_from_checkpoint is not None) \
@@ -243,6 +249,10 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         stop.restore()
         bar.close()
+        if use_cache:  # derived data only; open files in the workers stay readable until they exit
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            with suppress(OSError):
+                cache_dir.parent.rmdir()  # the last rank out removes the folder
         if log is not None:
             log.close()
 
