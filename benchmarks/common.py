@@ -39,16 +39,30 @@ def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return pil.filter(ImageFilter.GaussianBlur(0.6))
 
 
-def make_jpeg_folder(root: Path, n: int, classes: int = 4, seed: int = 0) -> Path:
+def _save_photo(job) -> None:
+    path, size, seed = job
+    photo_like(np.random.default_rng(seed), size).save(path, quality=90)
+
+
+def make_jpeg_folder(root: Path, n: int, classes: int = 4, seed: int = 0, processes: int = 1) -> Path:
     """Food-101-like JPEGs: at most 512 px a side (most 512 x 384..512), quality 90, one folder per class."""
-    rng = np.random.default_rng(seed)
     if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
         return root
+    rng = np.random.default_rng(seed)
+    jobs = []
     for i in range(n):
-        cls = root / f"class_{i % classes:02d}"
+        cls = root / f"class_{i % classes:03d}"
         cls.mkdir(parents=True, exist_ok=True)
         size = (512, int(rng.integers(384, 513))) if rng.random() < 0.7 else (int(rng.integers(300, 513)), 512)
-        photo_like(rng, size).save(cls / f"{i:05d}.jpg", quality=90)
+        jobs.append((cls / f"{i:05d}.jpg", size, int(rng.integers(2**31))))
+    if processes > 1:
+        from multiprocessing import Pool
+
+        with Pool(processes) as pool:
+            pool.map(_save_photo, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _save_photo(job)
     return root
 
 
