@@ -1,6 +1,7 @@
 """The decoded-image cache: same pixels as decoding, same weights with or without it, gone after the run."""
 
 import multiprocessing
+import shutil
 import subprocess
 
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import make_image_folder
 from vitfood.data import TrainImages, scan_folder
 from vitfood.image_cache import ImageCache, estimate_bytes, should_cache
 from vitfood.preprocess import Preprocessing, decode_for_training, open_image, training_pixels_cap
@@ -113,6 +113,9 @@ def test_when_the_cache_is_used(tmp_path, image_folder):
     assert should_cache("auto", 1, 1, need, tmp_path)[0] is False
     assert should_cache("auto", 3, 2, need, tmp_path)[0] is False
     assert should_cache("off", 3, 1, need, tmp_path) == (False, "off")
-    huge = 10**18
-    assert "more than half" in should_cache("auto", 3, 1, huge, tmp_path)[1]
-    assert should_cache("on", 3, 1, huge, tmp_path)[0] is False
+    free = shutil.disk_usage(tmp_path).free
+    assert "more than half" in should_cache("auto", 3, 1, free // 2 + 1, tmp_path)[1]
+    assert should_cache("on", 3, 1, free // 2 + 1, tmp_path)[0] is True  # asked for, and it fits
+    # The checkpoints' room is never given to the cache, even when asked for.
+    on, why = should_cache("on", 3, 1, need, tmp_path, reserve_bytes=free - need // 2)
+    assert on is False and "room for the checkpoints" in why

@@ -114,25 +114,27 @@ def estimate_bytes(records, max_pixels: int, sample: int = 32, seed: int = 0) ->
     return math.ceil(np.mean(sizes) * n) if sizes else 0
 
 
-def should_cache(setting: str, epochs: int, world: int, need_bytes: int, folder: Path) -> tuple[bool, str]:
+def should_cache(setting: str, epochs: int, world: int, need_bytes: int, folder: Path,
+                 reserve_bytes: int = 0) -> tuple[bool, str]:
     """Whether to cache, and why, for --decode-cache auto|on|off.
 
-    auto caches when an image is read more than once (several epochs), by one process per machine
-    (under torchrun each rank would keep its own copy), and when the cache takes at most half of the
-    free disk space, so that checkpoints still have room.
+    Checkpoints come first: the cache is never allowed to take the room that `reserve_bytes` (what
+    the run's checkpoints and model need, with a margin) keeps free. Beyond that, auto caches when an
+    image is read more than once (several epochs), by one process per machine (under torchrun each
+    rank would keep its own copy), and when the cache takes at most half of the free space.
     """
     if setting == "off":
         return False, "off"
     free = shutil.disk_usage(folder).free
-    size = f"{need_bytes / 2**30:.1f} GiB"
+    size, free_gib = f"{need_bytes / 2**30:.1f} GiB", f"{free / 2**30:.1f} GiB"
+    if need_bytes + reserve_bytes > free:
+        return False, f"off: about {size}, which with room for the checkpoints is more than the {free_gib} free"
     if setting == "on":
-        if need_bytes > free:
-            return False, f"off: it would take about {size}, more than the {free / 2**30:.1f} GiB free"
         return True, f"on, about {size}"
     if epochs < 2:
         return False, "off (auto: one epoch reads each image once)"
     if world > 1:
         return False, "off (auto: several processes; --decode-cache on gives each its own copy)"
-    if 2 * need_bytes > free:
-        return False, f"off (auto: about {size} is more than half the {free / 2**30:.1f} GiB free)"
+    if 2 * need_bytes > free - reserve_bytes:
+        return False, f"off (auto: about {size} is more than half the {free_gib} free)"
     return True, f"on, about {size}"

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vitfood import checkpoint, data, image_cache, metrics
+from vitfood import checkpoint, data, image_cache, publish, report
 from vitfood.config import TrainConfig, usable_cores
 from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier, init_distributed, resolve_device, resolve_precision
+from vitfood.evaluation import evaluate
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model, resolve_model_dir
 from vitfood.optim import build_optimizer, lr_at, warmup_steps_for
@@ -42,20 +43,27 @@ class TrainingInterrupted(Exception):
 
 # What a resumed run must share with the interrupted one for the data order, the crops and the
 # labels to be the same; anything else that differs only draws a warning.
-_RESUME_IRRELEVANT = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir")  # a moved folder is fine
+_RESUME_IRRELEVANT = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir",  # a moved folder is fine
+                      "decode_cache", "report_to", "push_to_hub", "hub_model_id")  # same pixels, same steps
 _RESUME_MUST_MATCH = ("model", "dataset", "train_split", "eval_split", "max_train_samples", "max_eval_samples",
-                      "test_size", "seed", "batch_size", "grad_accum_steps", "flip")
+                      "test_size", "seed", "batch_size", "grad_accum_steps", "flip", "rotation", "zoom")
 
 
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the best evaluation results."""
     cfg.validate()
+    started = time.time()
     d = init_distributed(cfg.device)
     device = resolve_device(cfg.device, d)
     precision = resolve_precision(cfg.precision, device)
     out_dir = Path(cfg.output_dir)
+    hub_repo = None
     if d.is_main:
         checkpoint.prepare_output_dir(out_dir, cfg.overwrite_output_dir, resuming=cfg.resume_from_checkpoint is not None)
+        if cfg.push_to_hub:  # no network or no token: say so now, not after hours of training
+            hub_repo = publish.check_push(cfg.hub_model_id, None, out_dir)
+        checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
+            asdict(cfg), started, None, report.device_description(device)))
     torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
     if device.type == "cpu":
         # The workers decode on their own cores; more math threads here would only fight them.
@@ -72,12 +80,16 @@ def train(cfg: TrainConfig) -> dict:
 
     pin = device.type == "cuda"
     cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep), seed=cfg.seed)
-    use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir)
+    # Room kept for checkpoints (weights and two AdamW moments, a few of them) and the best model.
+    reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in model.parameters())
+    use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir,
+                                                     reserve)
     cache_dir = out_dir / "decoded-images" / f"rank-{d.rank}"
     train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train)) if use_cache else None
     eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval)) if use_cache else None
     train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
-    train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache),
+    train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache,
+                                                     cfg.rotation, cfg.zoom),
                                     train_sampler, prep, cfg.num_workers, pin, cfg.seed)
     eval_loader = data.make_loader(data.EvalImages(splits.eval, prep, eval_cache),
                                    data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
@@ -133,16 +145,17 @@ def train(cfg: TrainConfig) -> dict:
     def end_of_epoch(epoch: int) -> None:
         """Evaluate; keep the best epoch by accuracy (the first of equals, as the Trainer); checkpoint."""
         t_eval = time.perf_counter()
-        results = evaluate(forward, eval_loader, prep, device, precision, splits.label_names, d, bad)
+        results, confusion = evaluate(forward, eval_loader, prep, device, precision, splits.label_names, d, bad)
         results.update(epoch=epoch + 1, step=run["step"])
         record = {"type": "eval", **{k: v for k, v in results.items() if k != "per_class_accuracy"},
                   "images_per_s": round(results["eval_samples"] / (time.perf_counter() - t_eval), 2)}
-        _emit(record, log, bar, d)
+        _emit(record, logs, bar, d)
         run["epochs_evaluated"] = epoch + 1
         if run["best"] is None or results["eval_accuracy"] > run["best"]["eval_accuracy"]:
             run.update(best=results, best_step=run["step"])
             if d.is_main:
                 checkpoint.save_best(out_dir, model, base_config, prep.to_hf_dict(), results)
+                report.save_confusion(out_dir / report.CONFUSION_JSON, confusion, splits.label_names)
         if d.is_main and bad.found:
             checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
         save_checkpoint()
@@ -153,8 +166,11 @@ def train(cfg: TrainConfig) -> dict:
         f"{device}, {precision}, {cfg.num_workers} workers; decoded-image cache {cache_note}")
     if d.is_main and cfg.resume_from_checkpoint is not None:
         checkpoint.truncate_metrics(out_dir / checkpoint.METRICS, run["step"])
-    log = checkpoint.MetricsLog(out_dir / checkpoint.METRICS, append=cfg.resume_from_checkpoint is not None) \
-        if d.is_main else None
+    logs = []  # metrics.jsonl, and TensorBoard when asked for; rank 0 only
+    if d.is_main:
+        logs.append(checkpoint.MetricsLog(out_dir / checkpoint.METRICS, append=cfg.resume_from_checkpoint is not None))
+        if cfg.report_to == "tensorboard":
+            logs.append(report.TensorBoardLog(out_dir, resume_step=run["step"]))
     bar = tqdm(total=total_steps, initial=run["step"], desc="train", unit="step", disable=not d.is_main,
                dynamic_ncols=True)
     stop = _StopSignals()
@@ -233,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
                               "loss": loss_total / max(1, samples_since_log), "learning_rate": lr,
                               "grad_norm": grad_norm.item() if grad_norm is not None else None,
                               "images_per_s": round(samples_since_log / elapsed, 2)}
-                    _emit(record, log, bar, d)
+                    _emit(record, logs, bar, d)
                     loss_sum.zero_()
                     samples_since_log, t_log = 0, time.perf_counter()
 
@@ -253,12 +269,23 @@ def train(cfg: TrainConfig) -> dict:
             shutil.rmtree(cache_dir, ignore_errors=True)
             with suppress(OSError):
                 cache_dir.parent.rmdir()  # the last rank out removes the folder
-        if log is not None:
+        for log in logs:
             log.close()
+        if d.is_main:  # the run record says when it ended, however it ended
+            checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
+                asdict(cfg), started, time.time(), report.device_description(device)))
 
     best = run["best"]
+    if d.is_main:
+        pictures = report.write_report(out_dir, best, None, splits.label_names)
+        card = report.model_card(asdict(cfg), best, splits.label_names, cfg.model, cfg.dataset, repo_id=hub_repo,
+                                 files=[Path(p).name for p in pictures])
+        checkpoint.atomic_write_bytes(out_dir / report.MODEL_CARD, card.encode())
     say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); model saved to {out_dir}"
         + (f"; {len(bad.found)} unreadable image(s) skipped, see {out_dir / checkpoint.BAD_IMAGES}" if bad.found else ""))
+    if hub_repo is not None:
+        say(f"vitfood: uploading {out_dir} to the Hub ...")
+        say(f"vitfood: pushed to {publish.push_output_dir(out_dir, hub_repo, None)}")
     return best
 
 
@@ -322,36 +349,11 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-@torch.no_grad()
-def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: data.BadImages) -> dict:
-    """Accuracy, top-5 and loss over the whole evaluation set, each image counted once across ranks."""
-    net.eval()
-    k = len(label_names)
-    confusion = torch.zeros((k, k), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top5 = torch.zeros((), dtype=torch.int64, device=device)
-    for batch in loader:
-        bad.add(batch.bad)
-        pixels = prep.normalize(batch.pixels.to(device, non_blocking=True))
-        labels = batch.labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = net(pixels)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        metrics.update_confusion(confusion, logits, labels)
-        top5 += metrics.topk_correct(logits, labels, 5)
-    for t in (confusion, loss_sum, top5):
-        all_reduce_sum(t, d)
-    try:
-        return metrics.summarize(confusion, loss_sum.item(), int(top5.item()), label_names)
-    except ValueError:
-        raise VitfoodError("no evaluation image could be read; see bad_images.txt in the output folder") from None
-
-
-def _emit(record: dict, log, bar, d: Dist) -> None:
+def _emit(record: dict, logs: list, bar, d: Dist) -> None:
     if not d.is_main:
         return
-    log.write(record)
+    for log in logs:
+        log.write(record)
     shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if k != "type"}
     bar.write(str(shown), file=sys.stderr)
 
