@@ -16,10 +16,11 @@ def train_main(argv: list[str] | None = None) -> int:
     from vitfood.config import parse_config
 
     cfg = parse_config(argv)
+    from vitfood.evaluation import evaluate_only
     from vitfood.train_loop import TrainingInterrupted, train
 
     try:
-        train(cfg)
+        evaluate_only(cfg) if cfg.eval_only else train(cfg)
     except VitfoodError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -30,41 +31,129 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def infer_main(argv: list[str] | None = None) -> int:
-    from vitfood.inference import DEFAULT_MODEL_DIR
+SUMMARY_MIN_IMAGES = 20  # infer.py prints its summary line from this many inputs on
+PROGRESS_MIN_IMAGES = 50  # and shows a progress bar above this many, when stderr is a terminal
 
-    parser = argparse.ArgumentParser(description="Classify images with a model saved by train.py.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+
+def infer_main(argv: list[str] | None = None) -> int:
+    from vitfood.config import TrainConfig  # not vitfood.inference: --help and flag errors need no torch
+
+    DEFAULT_MODEL_DIR = TrainConfig.output_dir  # what train.py writes by default
+
+    parser = argparse.ArgumentParser(
+        description="Classify images with a model saved by train.py.",
+        epilog="Each IMAGE may be an image file, a folder (searched recursively; hidden files skipped), a glob "
+               "pattern, quoted or not ('photos/**/*.jpg'), or an http(s) URL. Results come in argument order. "
+               "An input that cannot be classified is one 'infer.py: error:' line on stderr and exit status 1; "
+               "the others are still classified.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns or URLs")
     parser.add_argument("--model", default=DEFAULT_MODEL_DIR, help="folder written by train.py, or a Hub model id")
     parser.add_argument("--top-k", type=int, default=5, help="labels shown per image")
-    parser.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "predictions"}')
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "predictions"}')
+    fmt.add_argument("--csv", action="store_true",
+                     help="CSV with the header image,rank,label,score: one row per prediction, rank 1 the best")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on a CUDA GPU that supports it, else fp32")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give up on a URL after this long (connecting, waiting for data, or downloading)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if not 0 < args.timeout < float("inf"):
+        parser.error("--timeout must be a number of seconds, more than 0")
+    try:
+        return _infer(args)
+    except KeyboardInterrupt:
+        print("infer.py: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `infer.py photos/ | head`: the reader has had enough
+        import os
 
-    from vitfood.inference import load_classifier, topk_predictions
-    from vitfood.preprocess import BadImageError
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # the shell's 128 + SIGPIPE
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from vitfood.inference import classify_stream, expand_inputs, load_classifier, resolve_device, resolve_precision
 
     try:
-        clf = load_classifier(args.model)
+        device = resolve_device(args.device)
+        clf = load_classifier(args.model, str(device))
     except VitfoodError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    failed = 0
-    for path in args.images:
-        # One image at a time: a bad file costs only its own line, never its neighbours' results.
-        try:
-            predictions = topk_predictions(clf.logits([path]), clf.labels, args.top_k)[0]
-        except BadImageError as e:
-            print(f"infer.py: error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        if args.json:
-            print(json.dumps({"image": path, "predictions": predictions}), flush=True)
-        else:
-            print(path)
-            for p in predictions:
-                print(f"  {p['score']:.4f}  {p['label']}")
-            sys.stdout.flush()
+    start = time.perf_counter()
+    inputs = expand_inputs(args.images)
+    bar = None
+    if len(inputs) > PROGRESS_MIN_IMAGES and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(inputs), unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
+    emit = _emitter(args, bar)
+    classified = failed = 0
+    try:
+        for r in classify_stream(clf, inputs, top_k=args.top_k, batch_size=args.batch_size, timeout=args.timeout,
+                                 autocast_dtype=resolve_precision(args.precision, device)):
+            if r.error is not None:
+                failed += 1
+                if bar is not None:
+                    bar.write(f"infer.py: error: {r.error}", file=sys.stderr)
+                else:
+                    print(f"infer.py: error: {r.error}", file=sys.stderr)
+            else:
+                classified += 1
+                emit(r.image, r.predictions)
+            if bar is not None:
+                bar.update()
+    except torch.cuda.OutOfMemoryError:
+        print(f"infer.py: error: out of GPU memory with --batch-size {args.batch_size}; use a smaller one "
+              f"(the {classified} images printed above were classified)", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(inputs) >= SUMMARY_MIN_IMAGES:
+        seconds = time.perf_counter() - start
+        print(f"infer.py: classified {classified} images in {seconds:.1f} s ({classified / seconds:.1f} images/s), "
+              f"{failed} failed", file=sys.stderr)
     return EXIT_BAD_INPUT if failed else 0
+
+
+def _emitter(args: argparse.Namespace, bar):
+    """The writer of one classified image to stdout, in the chosen format, flushed at once."""
+    out = sys.stdout
+    if args.csv:
+        import csv
+
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["image", "rank", "label", "score"])
+
+        def write(image: str, predictions: list[dict]) -> None:
+            writer.writerows([image, rank, p["label"], p["score"]] for rank, p in enumerate(predictions, 1))
+    elif args.json:
+        def write(image: str, predictions: list[dict]) -> None:
+            out.write(json.dumps({"image": image, "predictions": predictions}) + "\n")
+    else:
+        def write(image: str, predictions: list[dict]) -> None:
+            out.write(image + "\n" + "".join(f"  {p['score']:.4f}  {p['label']}\n" for p in predictions))
+
+    def emit(image: str, predictions: list[dict]) -> None:
+        if bar is not None and out.isatty():  # both on the terminal: take the bar away while writing
+            with bar.external_write_mode(file=out):
+                write(image, predictions)
+                out.flush()
+        else:
+            write(image, predictions)
+            out.flush()
+
+    return emit

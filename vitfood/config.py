@@ -43,6 +43,10 @@ class TrainConfig:
     max_eval_samples: int = _opt(0, "cap the evaluation images (the first N of --eval-split); 0 = all", "data")
     test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data")
     flip: bool = _opt(True, "random horizontal flip during training", "data")
+    rotation: float = _opt(0.0, "random rotation of each training crop by up to this many degrees either way "
+                           "(the guide's TensorFlow path uses about 7); 0 = off", "data")
+    zoom: float = _opt(0.0, "random zoom of each training crop in or out by up to this fraction (the guide's "
+                       "TensorFlow path uses 0.2); 0 = off", "data")
     num_workers: int = _opt(default_num_workers(), "DataLoader worker processes; the default is this machine's CPU cores - 1, at most 16", "data")
     decode_cache: str = _opt("auto", "keep each image's decoded pixels in --output-dir/decoded-images after its first "
                              "use, so later epochs skip the decoding (removed when training ends). auto: on when "
@@ -54,6 +58,9 @@ class TrainConfig:
     # ---- model
     model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained ViT: Hub id or local checkpoint folder", "model")
     compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPUs)", "model")
+    eval_only: bool = _opt(False, "no training: evaluate the trained model --model on the evaluation images of "
+                           "--dataset and write the report (eval_results.json, confusion matrix) to --output-dir",
+                           "model")
 
     # ---- optimisation
     epochs: int = _opt(3, "training epochs", "optimisation")
@@ -74,6 +81,12 @@ class TrainConfig:
     output_dir: str = _opt("vitfood-output", "where the best model, eval_results.json and metrics.jsonl go", "output")
     logging_steps: int = _opt(10, "a log line every N optimizer steps", "output")
     overwrite_output_dir: bool = _opt(False, "allow training into a folder that already holds a trained model", "output")
+    report_to: str = _opt("none", "also log the metrics.jsonl scalars to TensorBoard (in --output-dir/runs; "
+                          "pip install 'vitfood[tensorboard]')", "output", choices=("none", "tensorboard"))
+    push_to_hub: bool = _opt(False, "after training, upload the model, its card and report to the Hugging Face Hub "
+                             "(token from `hf auth login` or HF_TOKEN; checked before training starts)", "output")
+    hub_model_id: str | None = _opt(None, "Hub repository for --push-to-hub: 'user/name' or 'name'; "
+                                    "default: the --output-dir folder's name", "output")
 
     # ---- checkpoints and faults
     save_steps: int = _opt(0, "also save a resumable checkpoint every N optimizer steps (one is always saved at "
@@ -103,6 +116,10 @@ class TrainConfig:
             raise VitfoodError(f"--warmup-ratio must be between 0 and 1, got {self.warmup_ratio}")
         if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise VitfoodError("--learning-rate, --weight-decay and --max-grad-norm must not be negative")
+        if not 0 <= self.rotation <= 180:
+            raise VitfoodError(f"--rotation must be between 0 and 180 degrees, got {self.rotation}")
+        if not 0 <= self.zoom < 1:
+            raise VitfoodError(f"--zoom must be at least 0 and below 1, got {self.zoom}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise VitfoodError(f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}")
 

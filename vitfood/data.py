@@ -219,8 +219,10 @@ class TrainImages(Dataset):
     crop is drawn from the same pixels either way.
     """
 
-    def __init__(self, records: Records, prep: Preprocessing, seed: int, flip: bool, cache: ImageCache | None = None):
+    def __init__(self, records: Records, prep: Preprocessing, seed: int, flip: bool, cache: ImageCache | None = None,
+                 rotation: float = 0.0, zoom: float = 0.0):
         self.records, self.prep, self.seed, self.flip, self.cache = records, prep, seed, flip, cache
+        self.rotation, self.zoom = rotation, zoom
         self.max_pixels = training_pixels_cap(prep)
 
     def __len__(self):
@@ -238,7 +240,8 @@ class TrainImages(Dataset):
                 return None, int(self.records.labels[index]), (name, _reason(e, name))
             if self.cache is not None:
                 self.cache.put(index, pixels)
-        return random_crop_resize(pixels, self.prep, rng, self.flip), int(self.records.labels[index]), None
+        crop = random_crop_resize(pixels, self.prep, rng, self.flip, self.rotation, self.zoom)
+        return crop, int(self.records.labels[index]), None
 
 
 class EvalImages(Dataset):

@@ -248,8 +248,9 @@ def decode_for_training(img: Image.Image, max_pixels: int, name: str = "<image>"
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy refuses read-only memory
 
 
-def random_crop_resize(pixels: np.ndarray, prep: Preprocessing, rng: np.random.Generator, flip: bool) -> np.ndarray:
-    """RandomResizedCrop (+ horizontal flip) of a uint8 HWC image -> uint8 HWC of the model's size.
+def random_crop_resize(pixels: np.ndarray, prep: Preprocessing, rng: np.random.Generator, flip: bool,
+                       rotation: float = 0.0, zoom: float = 0.0) -> np.ndarray:
+    """RandomResizedCrop (+ flip, rotation, zoom) of a uint8 HWC image -> uint8 HWC of the model's size.
 
     The resize is torch's antialiased bilinear on uint8, the filter of the guide's RandomResizedCrop.
     The crop is copied into channels-last (HWC) memory first: torch then takes its vectorised uint8
@@ -264,7 +265,26 @@ def random_crop_resize(pixels: np.ndarray, prep: Preprocessing, rng: np.random.G
                                           align_corners=False)[0].permute(1, 2, 0)
     if flip and rng.random() < 0.5:
         out = out.flip(1)
+    if rotation or zoom:  # drawn after the flip: runs without them keep their crops and flips
+        degrees = rng.uniform(-rotation, rotation) if rotation else 0.0
+        out = rotate_zoom(out, degrees, rng.uniform(1 - zoom, 1 + zoom) if zoom else 1.0)
     return np.ascontiguousarray(out.numpy())
+
+
+def rotate_zoom(hwc: torch.Tensor, degrees: float, scale: float) -> torch.Tensor:
+    """Rotate a uint8 HWC image about its centre and magnify it by `scale` (< 1 shrinks), same size out.
+
+    Corners the rotation or shrinking uncovers are filled by reflection, as Keras' RandomRotation and
+    RandomZoom (the guide's TensorFlow augmentations) do by default, so no black wedges appear.
+    """
+    h, w = hwc.shape[:2]
+    x = hwc.permute(2, 0, 1).unsqueeze(0).float()
+    c, s = math.cos(math.radians(degrees)) / scale, math.sin(math.radians(degrees)) / scale
+    # The rotation in pixels, written in affine_grid's coordinates (both axes scaled to [-1, 1]).
+    theta = torch.tensor([[[c, -s * h / w, 0.0], [s * w / h, c, 0.0]]])
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
 
 
 def load_preprocessing(model_dir: Path, image_size: int) -> Preprocessing:
