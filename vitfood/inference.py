@@ -1,4 +1,6 @@
-"""Inference: the minimal argmax `predict`, and `classify`, which returns the pipeline's top-k format.
+"""Inference: the minimal argmax `predict`, `classify`, which returns the pipeline's top-k format,
+and what infer.py needs for many inputs: `expand_inputs` (folders, globs, URLs) and `classify_stream`
+(batches, decoded by a few threads while the model runs, one result per input, in input order).
 
 Imports neither transformers, datasets nor torchvision, so a cold `python infer.py photo.jpg`
 costs little more than importing torch.
@@ -6,6 +8,15 @@ costs little more than importing torch.
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+import queue
+import threading
+from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +24,9 @@ import numpy as np
 import torch
 
 from vitfood.config import TrainConfig
+from vitfood.errors import VitfoodError
 from vitfood.model import ViT, load_model, resolve_model_dir
-from vitfood.preprocess import Preprocessing, load_preprocessing, load_rgb
+from vitfood.preprocess import BadImageError, Preprocessing, load_preprocessing, load_rgb
 
 DEFAULT_MODEL_DIR = TrainConfig.output_dir  # what train.py writes by default
 
@@ -26,11 +38,20 @@ class Classifier:
     labels: list[str]
     device: torch.device
 
-    @torch.no_grad()
     def logits(self, images: list) -> torch.Tensor:
         """Paths, bytes or PIL images -> float32 logits [N, classes]."""
-        pixels = torch.from_numpy(np.stack([self.prep.eval_resize(load_rgb(im)) for im in images]))
-        return self.model(self.prep.normalize(pixels.to(self.device))).float()
+        return self.logits_of_pixels(np.stack([self.pixels(im) for im in images]))
+
+    def pixels(self, image) -> np.ndarray:
+        """Decode and resize one image (path, bytes or PIL image) -> uint8 [H, W, 3]. Thread-safe."""
+        return self.prep.eval_resize(load_rgb(image))
+
+    @torch.no_grad()
+    def logits_of_pixels(self, pixels: np.ndarray, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 [N, H, W, 3] from `pixels` -> float32 logits [N, classes], optionally under autocast."""
+        x = self.prep.normalize(torch.from_numpy(pixels).to(self.device))
+        with torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+            return self.model(x).float()
 
 
 _loaded: dict[tuple[str, str], Classifier] = {}
@@ -72,3 +93,253 @@ def classify(images, model_dir: str | Path = DEFAULT_MODEL_DIR, top_k: int = 5, 
     for i in range(0, len(batch), batch_size):
         out += topk_predictions(clf.logits(batch[i : i + batch_size]), clf.labels, top_k)
     return out[0] if single else out
+
+
+# ---------------------------------------------------------------- infer.py: many inputs
+
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # a URL's body is held in memory: refuse anything larger
+_URL = re.compile(r"^https?://", re.IGNORECASE)
+_GLOB_MAGIC = re.compile(r"[*?[]")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def is_url(arg: str) -> bool:
+    return bool(_URL.match(arg))
+
+
+def _image_extensions() -> set[str]:
+    from vitfood.data import IMAGE_EXTENSIONS  # torch.utils.data only: no torchvision, datasets or transformers
+
+    return IMAGE_EXTENSIONS
+
+
+def images_under(folder: str) -> list[str]:
+    """Image files in `folder` and below, as train.py finds them: sorted per folder, hidden names skipped.
+
+    Symbolic links are followed, each real folder visited once (a link loop ends).
+    """
+    exts = _image_extensions()
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:  # gone since it was listed
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
+    return out
+
+
+class NoImagesError(VitfoodError):
+    """A folder or glob argument that holds no image files."""
+
+    def __init__(self, arg: str, message: str):
+        super().__init__(message)
+        self.arg = arg
+
+
+def expand_inputs(args: Iterable[str]) -> list[str | NoImagesError]:
+    """infer.py's arguments -> the images to classify, in argument order.
+
+    A URL (http, https) stays as is; a folder becomes the image files in it and below; an argument
+    that is no existing path but holds `*`, `?` or `[` is a glob (`**` spans folders), expanded
+    sorted, keeping image files and searching matched folders. Within one argument a file is listed
+    once; across arguments repeats are kept, as when the shell expands the pattern. Anything else
+    is taken as an image file (a missing one fails when it is read). A folder or glob without images
+    becomes a NoImagesError in its place.
+    """
+    exts = _image_extensions()
+    out: list[str | NoImagesError] = []
+    for arg in args:
+        if is_url(arg):
+            out.append(arg)
+        elif os.path.isdir(arg):
+            out += images_under(arg) or [NoImagesError(
+                arg, f"{arg}: no image files in this folder or below ({', '.join(sorted(exts))})")]
+        elif _GLOB_MAGIC.search(arg) and not os.path.lexists(arg):
+            found: dict[str, None] = {}  # ordered set: `**` can reach a file twice (itself, and via its folder)
+            for m in sorted(glob.glob(arg, recursive=True)):
+                if os.path.isdir(m):
+                    found.update(dict.fromkeys(images_under(m)))
+                elif os.path.splitext(m)[1].lower() in exts:
+                    found[m] = None
+            out += list(found) or [NoImagesError(arg, f"{arg}: matches no image files ({', '.join(sorted(exts))})")]
+        else:
+            out.append(arg)
+    return out
+
+
+def fetch_url(url: str, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> tuple[bytes, str]:
+    """GET an http(s) URL -> (body, Content-Type). Any failure is one BadImageError naming the URL.
+
+    `timeout` bounds the connection, each wait for data, and (checked between reads) the whole download.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    req = urllib.request.Request(url, headers={"User-Agent": "vitfood-infer/1", "Accept": "image/*,*/*;q=0.5"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise BadImageError(f"{url}: refused, {int(length) / 2**20:.0f} MB is more than the "
+                                    f"{max_bytes / 2**20:.0f} MB limit for a downloaded image")
+            chunks, size = [], 0
+            while chunk := resp.read(1 << 16):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BadImageError(f"{url}: refused, larger than the {max_bytes / 2**20:.0f} MB limit "
+                                        f"for a downloaded image")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+            return b"".join(chunks), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        raise BadImageError(f"{url}: HTTP error {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise BadImageError(f"{url}: timed out after {timeout:g} s (--timeout)") from None
+        raise BadImageError(f"{url}: cannot download ({e.reason})") from None
+    except TimeoutError:
+        raise BadImageError(f"{url}: timed out after {timeout:g} s (--timeout)") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise BadImageError(f"{url}: cannot download ({type(e).__name__}: {e})") from None
+
+
+def decode_source(clf: Classifier, source: str, timeout: float) -> np.ndarray:
+    """A path or URL -> the model's uint8 pixels; BadImageError naming the path or URL otherwise."""
+    content_type = ""
+    try:
+        if not is_url(source):
+            return clf.pixels(source)
+        body, content_type = fetch_url(source, timeout)
+        return clf.pixels(body)
+    except BadImageError as e:
+        if not is_url(source) or str(e).startswith(source):
+            raise
+        why = str(e).removeprefix("<image bytes>: ")
+        sent = f" (the server sent {content_type})" if content_type and not content_type.startswith("image/") else ""
+        raise BadImageError(f"{source}: {why}{sent}") from None
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:  # a decoder's own bug on a hostile file: still only this image's loss
+        raise BadImageError(f"{source}: cannot decode ({type(e).__name__}: {e})") from None
+
+
+def resolve_device(flag: str) -> torch.device:
+    """--device: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N."""
+    if not _DEVICE.match(flag):
+        raise VitfoodError(f"--device {flag!r}: not a device name (auto, cpu, cuda, cuda:N)")
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(flag)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitfoodError(f"--device {flag}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VitfoodError(f"--device {flag}: there are only {torch.cuda.device_count()} CUDA GPU(s) here "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def resolve_precision(flag: str, device: torch.device) -> torch.dtype | None:
+    """--precision -> the autocast dtype, or None for fp32. auto: bf16 on a CUDA GPU that has it, else fp32."""
+    if flag == "auto":
+        flag = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if flag == "bf16" else None
+
+
+@dataclass
+class Result:
+    """One line of infer.py's output: an image and its top-k predictions, or why it has none."""
+
+    image: str
+    predictions: list[dict] | None = None
+    error: VitfoodError | None = None
+
+
+def decode_threads() -> int:
+    """Threads that read and decode images while the model runs (PIL and urllib release the GIL)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus))  # no more than the cores: they share them with the model's own threads
+
+
+class _DecodePool:
+    """A few daemon threads running jobs as Futures. Unlike ThreadPoolExecutor's threads, they never
+    hold up the exit: Ctrl-C while a server is silent ends infer.py at once, not after --timeout."""
+
+    def __init__(self, threads: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = threads
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"vitfood-decode-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():  # False: cancelled while it waited
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        for _ in range(self._threads):
+            self._jobs.put(None)
+
+
+def classify_stream(clf: Classifier, inputs: list[str | NoImagesError], top_k: int = 5, batch_size: int = 32,
+                    timeout: float = 30.0, autocast_dtype: torch.dtype | None = None,
+                    threads: int | None = None) -> Iterator[Result]:
+    """Classify `expand_inputs`' list in batches -> one Result per entry, in order.
+
+    Every image is read and decoded on its own, so a bad one costs only its own Result; the good
+    ones of a batch go through the model together. The next batch is decoded while this one runs,
+    so at most two batches of pixels are held.
+    """
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+    pool = _DecodePool(threads or decode_threads())
+
+    def submit(batch: list) -> list[Future | NoImagesError]:
+        return [x if isinstance(x, NoImagesError) else pool.submit(decode_source, clf, x, timeout) for x in batch]
+
+    current: list = []
+    pending: list = []
+    try:
+        pending = submit(batches[0]) if batches else []
+        for k, batch in enumerate(batches):
+            current, pending = pending, submit(batches[k + 1]) if k + 1 < len(batches) else []
+            results, good, pixels = [], [], []
+            for entry, job in zip(batch, current):
+                if isinstance(job, NoImagesError):
+                    results.append(Result(job.arg, error=job))
+                    continue
+                try:
+                    pixels.append(job.result())
+                    good.append(len(results))
+                    results.append(Result(entry))
+                except BadImageError as e:
+                    results.append(Result(entry, error=e))
+            if pixels:
+                logits = clf.logits_of_pixels(np.stack(pixels), autocast_dtype)
+                for i, preds in zip(good, topk_predictions(logits, clf.labels, top_k)):
+                    results[i].predictions = preds
+            yield from results
+    finally:  # also on an early exit (Ctrl-C, a closed pipe): skip what is still queued
+        for job in current + pending:
+            if isinstance(job, Future):
+                job.cancel()
+        pool.close()
