@@ -121,7 +121,6 @@ def compute_row(impl, precision, compile_, batch, checkpoint, device, steps, pea
                 "MFU %": 100 * rate * 3 * flops_per_image / peaks[precision]})
     if device.type == "cuda":
         row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del forward, module, optimizer
     return row
 
 
