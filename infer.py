@@ -1,6 +1,6 @@
 """Top labels for photos from a model that train.py saved: `python infer.py photo.jpg`."""
 
-from vitfood.cli import infer_main
+from vitfood.cli import infer_command
 
 if __name__ == "__main__":
-    raise SystemExit(infer_main())
+    infer_command()

@@ -1,6 +1,6 @@
 """Fine-tune a pretrained ViT on Food-101 (or any image folder): `python train.py --epochs 3`."""
 
-from vitfood.cli import train_main
+from vitfood.cli import train_command
 
 if __name__ == "__main__":
-    raise SystemExit(train_main())
+    train_command()

@@ -181,8 +181,9 @@ def e2e(args, work: Path) -> list[dict]:
     backbone = make_vit_checkpoint(work / f"vit-{args.model_size}", size=args.model_size)
     batch = ["--batch-size", str(args.batch_size), "--grad-accum-steps", str(args.grad_accum_steps)]
     ours = ["train.py", "--model", str(backbone), "--dataset", str(folder), "--epochs", str(args.epochs),
-            "--max-train-samples", "0", "--num-workers", str(workers), "--logging-steps", "1",
-            "--overwrite-output-dir", *batch] + (["--compile"] if args.compile else [])
+            "--max-train-samples", "0", "--logging-steps", "1", "--overwrite-output-dir", *batch] \
+        + (["--compile"] if args.compile else []) \
+        + (["--num-workers", str(args.workers)] if args.workers is not None else [])  # else train.py's default
     guide = [GUIDE, "--data", str(folder), "--model", str(backbone), "--epochs", str(args.epochs),
              "--data-backend", args.data_backend]
     jobs = [("vitfood train.py", [sys.executable, *ours, "--output-dir", str(work / "out-vitfood")], "vitfood"),
@@ -219,7 +220,7 @@ def e2e(args, work: Path) -> list[dict]:
         r["vitfood speed-up (whole process)"] = r["whole process s"] / base["whole process s"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{args.images} JPEGs, ViT-{args.model_size}, {args.epochs} epochs, batch {args.batch_size} x "
-          f"{args.grad_accum_steps} (guide as written: 16 x 4), {workers} workers, {device}", file=sys.stderr)
+          f"{args.grad_accum_steps} (guide as written: 16 x 4), tuned Trainer {workers} workers, {device}", file=sys.stderr)
     return rows
 
 
@@ -238,7 +239,8 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="e2e: vitfood and the tuned Trainer")
     p.add_argument("--grad-accum-steps", type=int, default=4, help="e2e: vitfood and the tuned Trainer")
-    p.add_argument("--workers", type=int, default=None, help="e2e: DataLoader workers (default: cores - 1, <= 16)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="e2e: DataLoader workers (default: train.py's own; the tuned Trainer gets cores - 1, <= 16)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="e2e: also run train.py under torchrun with N processes")
     p.add_argument("--data-backend", choices=["datasets", "torch"], default="datasets",
                    help="e2e: how the guide's script reads the folder (torch where `datasets` is not installed)")

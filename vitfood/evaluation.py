@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vitfood import checkpoint, data, metrics, report
-from vitfood.config import TrainConfig
+from vitfood.config import TrainConfig, resolve_num_workers
 from vitfood.distributed import Dist, all_reduce_sum, autocast, init_distributed, resolve_device, resolve_precision
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model, resolve_model_dir
@@ -83,9 +83,10 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     splits = data.load_splits(cfg.dataset, cfg.train_split, cfg.eval_split, cfg.max_train_samples,
                               cfg.max_eval_samples, cfg.test_size, cfg.seed)
     label_map = label_map_for(splits.label_names, model.arch.labels, cfg.dataset, cfg.model)
+    workers = resolve_num_workers(cfg.num_workers, device.type)
     loader = data.make_loader(data.EvalImages(splits.eval, prep),
                               data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
-                              prep, cfg.num_workers, device.type == "cuda", cfg.seed)
+                              prep, workers, device.type == "cuda", cfg.seed)
     model.to(device)
     bad = data.BadImages(len(splits.eval), cfg.max_bad_fraction)
     results, confusion = evaluate(model, loader, prep, device, precision, model.arch.labels, d, bad, label_map)

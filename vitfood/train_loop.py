@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitfood import checkpoint, data, image_cache, publish, report
-from vitfood.config import TrainConfig, usable_cores
+from vitfood.config import TrainConfig, resolve_num_workers, usable_cores
 from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier, init_distributed, resolve_device, resolve_precision
 from vitfood.evaluation import evaluate
 from vitfood.errors import VitfoodError
@@ -65,9 +65,10 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
             asdict(cfg), started, None, report.device_description(device)))
     torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
+    workers = resolve_num_workers(cfg.num_workers, device.type)
     if device.type == "cpu":
         # The workers decode on their own cores; more math threads here would only fight them.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (usable_cores() - cfg.num_workers) or 1)))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
 
     # ---- data and model
     model_dir = resolve_model_dir(cfg.model)
@@ -90,10 +91,10 @@ def train(cfg: TrainConfig) -> dict:
     train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
     train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache,
                                                      cfg.rotation, cfg.zoom),
-                                    train_sampler, prep, cfg.num_workers, pin, cfg.seed)
+                                    train_sampler, prep, workers, pin, cfg.seed)
     eval_loader = data.make_loader(data.EvalImages(splits.eval, prep, eval_cache),
                                    data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
-                                   prep, cfg.num_workers, pin, cfg.seed)
+                                   prep, workers, pin, cfg.seed)
 
     micro_per_epoch = len(train_sampler)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
@@ -163,7 +164,7 @@ def train(cfg: TrainConfig) -> dict:
     say(f"vitfood: {len(splits.train)} training / {len(splits.eval)} evaluation images, {num_labels} classes; "
         f"{cfg.epochs} epochs x {steps_per_epoch} optimizer steps of {cfg.batch_size} x {cfg.grad_accum_steps} "
         f"accumulation x {d.world} process(es) = {cfg.batch_size * cfg.grad_accum_steps * d.world} images; "
-        f"{device}, {precision}, {cfg.num_workers} workers; decoded-image cache {cache_note}")
+        f"{device}, {precision}, {workers} workers; decoded-image cache {cache_note}")
     if d.is_main and cfg.resume_from_checkpoint is not None:
         checkpoint.truncate_metrics(out_dir / checkpoint.METRICS, run["step"])
     logs = []  # metrics.jsonl, and TensorBoard when asked for; rank 0 only
