@@ -202,18 +202,27 @@ def e2e(args, work: Path) -> list[dict]:
         from datasets import load_dataset
 
         load_dataset("imagefolder", data_dir=str(folder), split="train")
+    os.sync()  # the new files and the Arrow cache are on disk: no writeback competes with the first job
+    runs: dict[str, list] = {name: [] for name, _, _ in jobs}
+    for repeat in range(args.repeats):  # interleaved, so drift in the machine hits every job alike
+        for name, cmd, kind in jobs:
+            seconds, stdout = timed_run(cmd, work / f"log-{list(runs).index(name)}-{repeat}.txt")
+            if kind == "guide":
+                result = json.loads(stdout.split("GUIDE_RESULT ", 1)[1].splitlines()[0])
+                rate, accuracy = result["steady_images_per_s"], result["eval_accuracy"]
+            else:
+                out = Path(cmd[cmd.index("--output-dir") + 1])
+                rate = vitfood_steady_rate(out)  # the loop logs images of all ranks
+                accuracy = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
+            runs[name].append((rate, seconds, accuracy))
+            print({"job": name, "repeat": repeat, "steady images/s": rate, "whole process s": seconds}, file=sys.stderr,
+                  flush=True)
     rows = []
-    for name, cmd, kind in jobs:
-        seconds, stdout = timed_run(cmd, work / f"log-{len(rows)}.txt")
-        if kind == "guide":
-            result = json.loads(stdout.split("GUIDE_RESULT ", 1)[1].splitlines()[0])
-            rate, accuracy = result["steady_images_per_s"], result["eval_accuracy"]
-        else:
-            out = Path(cmd[cmd.index("--output-dir") + 1])
-            rate = vitfood_steady_rate(out)  # the loop logs images of all ranks
-            accuracy = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
-        rows.append({"job": name, "steady images/s": rate, "whole process s": seconds, "eval accuracy": accuracy})
-        print(rows[-1], file=sys.stderr, flush=True)
+    for name, results in runs.items():  # medians over the repeats
+        rates = [r for r, _, _ in results if r]
+        rows.append({"job": name, "steady images/s": statistics.median(rates) if rates else None,
+                     "whole process s": statistics.median(s for _, s, _ in results),
+                     "eval accuracy": results[-1][2], "runs": len(results)})
     base = rows[0]
     for r in rows:
         r["vitfood speed-up (steady)"] = (base["steady images/s"] / r["steady images/s"]) if r["steady images/s"] else ""
@@ -241,6 +250,7 @@ def main():
     p.add_argument("--grad-accum-steps", type=int, default=4, help="e2e: vitfood and the tuned Trainer")
     p.add_argument("--workers", type=int, default=None,
                    help="e2e: DataLoader workers (default: train.py's own; the tuned Trainer gets cores - 1, <= 16)")
+    p.add_argument("--repeats", type=int, default=1, help="e2e: run every job this many times, report medians")
     p.add_argument("--nproc-per-node", type=int, default=1, help="e2e: also run train.py under torchrun with N processes")
     p.add_argument("--data-backend", choices=["datasets", "torch"], default="datasets",
                    help="e2e: how the guide's script reads the folder (torch where `datasets` is not installed)")
