@@ -34,6 +34,13 @@ def init_distributed(device_flag: str) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def setup(device_flag: str, precision_flag: str) -> tuple[Dist, torch.device, str]:
+    """The process group (under torchrun), this process's device, and the precision to run in."""
+    d = init_distributed(device_flag)
+    device = resolve_device(device_flag, d)
+    return d, device, resolve_precision(precision_flag, device)
+
+
 def shutdown_distributed() -> None:
     """Leave the process group (torchrun runs only); NCCL warns about a process that exits without this."""
     if dist.is_available() and dist.is_initialized():

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitfood import checkpoint, data, metrics, report
+from vitfood import checkpoint, data, distributed, metrics, report
 from vitfood.config import TrainConfig, resolve_num_workers
-from vitfood.distributed import Dist, all_reduce_sum, autocast, init_distributed, resolve_device, resolve_precision
+from vitfood.distributed import Dist, all_reduce_sum, autocast
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model, resolve_model_dir
 from vitfood.preprocess import load_preprocessing
@@ -71,9 +71,7 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     """
     cfg.validate()
     started = time.time()
-    d = init_distributed(cfg.device)
-    device = resolve_device(cfg.device, d)
-    precision = resolve_precision(cfg.precision, device)
+    d, device, precision = distributed.setup(cfg.device, cfg.precision)
     out_dir = Path(cfg.output_dir)
     if d.is_main:
         checkpoint.prepare_output_dir(out_dir, overwrite=True)  # nothing of a model is written here

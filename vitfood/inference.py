@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import glob
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
-import queue
-import threading
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass

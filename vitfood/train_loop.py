@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vitfood import checkpoint, data, image_cache, publish, report
+from vitfood import checkpoint, data, distributed, image_cache, publish, report
 from vitfood.config import TrainConfig, resolve_num_workers, usable_cores
-from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier, init_distributed, resolve_device, resolve_precision
+from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier
 from vitfood.evaluation import evaluate
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model, resolve_model_dir
@@ -53,9 +53,7 @@ def train(cfg: TrainConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the best evaluation results."""
     cfg.validate()
     started = time.time()
-    d = init_distributed(cfg.device)
-    device = resolve_device(cfg.device, d)
-    precision = resolve_precision(cfg.precision, device)
+    d, device, precision = distributed.setup(cfg.device, cfg.precision)
     out_dir = Path(cfg.output_dir)
     hub_repo = None
     if d.is_main:
