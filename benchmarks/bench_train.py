@@ -153,7 +153,9 @@ def compute(args, work: Path) -> list[dict]:
 # ---------------------------------------------------------------- end to end, whole processes
 
 def timed_run(cmd: list[str], log: Path) -> tuple[float, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Each job its own, empty compiler cache: none profits from kernels another one compiled.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=log.parent)}
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     seconds = time.perf_counter() - t
@@ -206,7 +208,11 @@ def e2e(args, work: Path) -> list[dict]:
     runs: dict[str, list] = {name: [] for name, _, _ in jobs}
     for repeat in range(args.repeats):  # interleaved, so drift in the machine hits every job alike
         for name, cmd, kind in jobs:
-            seconds, stdout = timed_run(cmd, work / f"log-{list(runs).index(name)}-{repeat}.txt")
+            try:
+                seconds, stdout = timed_run(cmd, work / f"log-{list(runs).index(name)}-{repeat}.txt")
+            except SystemExit as e:  # one failed job must not cost the others' results
+                print(e, file=sys.stderr, flush=True)
+                continue
             if kind == "guide":
                 result = json.loads(stdout.split("GUIDE_RESULT ", 1)[1].splitlines()[0])
                 rate, accuracy = result["steady_images_per_s"], result["eval_accuracy"]
@@ -215,18 +221,25 @@ def e2e(args, work: Path) -> list[dict]:
                 rate = vitfood_steady_rate(out)  # the loop logs images of all ranks
                 accuracy = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
             runs[name].append((rate, seconds, accuracy))
-            print({"job": name, "repeat": repeat, "steady images/s": rate, "whole process s": seconds}, file=sys.stderr,
-                  flush=True)
+            done = {"job": name, "repeat": repeat, "steady images/s": rate, "whole process s": seconds,
+                    "eval accuracy": accuracy}
+            print(done, file=sys.stderr, flush=True)
+            write_jsonl(args.jsonl, [{**done, "mode": "e2e-run", "images": args.images}])  # kept if a later job fails
     rows = []
     for name, results in runs.items():  # medians over the repeats
+        if not results:
+            rows.append({"job": name, "steady images/s": None, "whole process s": None, "eval accuracy": "failed"})
+            continue
         rates = [r for r, _, _ in results if r]
         rows.append({"job": name, "steady images/s": statistics.median(rates) if rates else None,
                      "whole process s": statistics.median(s for _, s, _ in results),
                      "eval accuracy": results[-1][2], "runs": len(results)})
     base = rows[0]
     for r in rows:
-        r["vitfood speed-up (steady)"] = (base["steady images/s"] / r["steady images/s"]) if r["steady images/s"] else ""
-        r["vitfood speed-up (whole process)"] = r["whole process s"] / base["whole process s"]
+        both = base["steady images/s"] and r["steady images/s"]
+        r["vitfood speed-up (steady)"] = base["steady images/s"] / r["steady images/s"] if both else ""
+        both = base["whole process s"] and r["whole process s"]
+        r["vitfood speed-up (whole process)"] = r["whole process s"] / base["whole process s"] if both else ""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{args.images} JPEGs, ViT-{args.model_size}, {args.epochs} epochs, batch {args.batch_size} x "
           f"{args.grad_accum_steps} (guide as written: 16 x 4), tuned Trainer {workers} workers, {device}", file=sys.stderr)

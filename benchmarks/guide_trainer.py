@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -168,9 +169,11 @@ class StepClock(TrainerCallback):
         self.dirty.add(len(self.times))
 
     def steady_rate(self, images_per_step: int) -> float | None:
+        """Images over the median step time: a recompile (a short last batch) or a stall is one outlier,
+        not a share of the total; vitfood's rate is the median of its logged steps likewise."""
         spans = [(self.times[k] - self.times[k - 1]) for k in range(1 + self.skip_first, len(self.times))
                  if k not in self.dirty]
-        return images_per_step * len(spans) / sum(spans) if spans else None
+        return images_per_step / statistics.median(spans) if spans else None
 
 
 if __name__ == "__main__":

@@ -97,3 +97,19 @@ def test_output_folder_is_checked_before_training(backbone_dir, image_folder, tm
 def test_bad_settings_are_named(backbone_dir, image_folder, tmp_path, flag, value, message):
     with pytest.raises(VitfoodError, match=message):
         train(config(backbone_dir, image_folder, tmp_path / "o", **{flag: value}))
+
+
+def test_cuda_without_an_index_becomes_the_current_gpu(monkeypatch):
+    # No GPU here: fake one. torch.cuda.set_device refuses a device without an index.
+    from vitfood import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: chosen.append(torch.device(dev).index))
+    for flag, index in (("auto", 0), ("cuda", 0), ("cuda:1", 1)):
+        assert distributed.resolve_device(flag, distributed.Dist()) == torch.device("cuda", index)
+    assert chosen == [0, 0, 1]
+    with pytest.raises(VitfoodError, match="only 2 CUDA GPU"):
+        distributed.resolve_device("cuda:5", distributed.Dist())

@@ -59,6 +59,10 @@ def resolve_device(flag: str, d: Dist) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise VitfoodError(f"--device {flag}: no CUDA GPU is available here")
+        if device.index is None:  # set_device needs an index; "cuda" means the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise VitfoodError(f"--device {flag}: there are only {torch.cuda.device_count()} CUDA GPU(s) here")
         torch.cuda.set_device(device)
     return device
 

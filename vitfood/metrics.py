@@ -9,7 +9,8 @@ def update_confusion(confusion: torch.Tensor, logits: torch.Tensor, labels: torc
     """Add a batch's argmax predictions to `confusion[true, predicted]` (on the device, no sync)."""
     k = confusion.shape[0]
     pred = logits.argmax(dim=-1)
-    confusion += torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    # index_add_, not bincount: bincount's output size depends on the data, a host sync on GPUs.
+    confusion.view(-1).index_add_(0, labels * k + pred, torch.ones_like(labels, dtype=confusion.dtype))
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

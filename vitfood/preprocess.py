@@ -7,6 +7,7 @@ No torchvision or transformers import: `infer.py` stays quick to start.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -114,12 +115,19 @@ class Preprocessing:
         x = batch.permute(0, 3, 1, 2).float()
         if self.do_normalize:
             # (x * r - mean) / std folded into one multiply-add per element.
-            scale = torch.tensor([self.rescale_factor / s for s in self.std], device=x.device).view(1, 3, 1, 1)
-            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=x.device).view(1, 3, 1, 1)
+            scale, shift = _normalize_constants(self, x.device)
             x = torch.addcmul(shift, x, scale)
         else:
             x = x * self.rescale_factor
         return x.to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(prep: Preprocessing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a new tensor per batch would be a blocking host-to-GPU copy each step."""
+    scale = torch.tensor([prep.rescale_factor / s for s in prep.std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], device=device).view(1, 3, 1, 1)
+    return scale, shift
 
 
 def open_image(src) -> Image.Image:

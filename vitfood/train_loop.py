@@ -101,13 +101,15 @@ def train(cfg: TrainConfig) -> dict:
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model) if cfg.compile else model  # evaluation, and training on one process
     ddp = None
+    train_net = forward
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    train_net = ddp if ddp is not None else forward
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Compiled around DDP, not inside it: DDP then overlaps the all-reduce with the backward pass.
+        train_net = torch.compile(ddp) if cfg.compile else ddp
 
     # ---- where the run stands; a resumed run continues from its checkpoint's state
     setup = {**{k: getattr(cfg, k) for k in _RESUME_MUST_MATCH}, "labels": splits.label_names,
