@@ -50,6 +50,7 @@ def test_a_run_leaves_pictures_card_and_record(trained):
 
     record = json.loads((trained / "run.json").read_text())
     assert record["config"]["epochs"] == 2 and record["ended"] >= record["started"]
+    assert record["config"]["num_workers"] == 0 and record["config"]["precision"] == "fp32"  # resolved, not "auto"
     assert record["versions"]["torch"] and record["device"].startswith("cpu")
     assert "train.py" in " ".join(record["command"])
 

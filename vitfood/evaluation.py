@@ -95,8 +95,9 @@ def evaluate_only(cfg: TrainConfig) -> dict:
         report.write_report(out_dir, results, confusion, model.arch.labels)
         if bad.found:
             checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
+        resolved = {**asdict(cfg), "num_workers": workers, "precision": precision, "device": str(device)}
         checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
-            asdict(cfg), started, time.time(), report.device_description(device)))
+            resolved, started, time.time(), report.device_description(device)))
         print(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 {results['eval_top5_accuracy']:.4f} "
               f"on {results['eval_samples']} images; report in {out_dir}", file=sys.stderr)
     return results

@@ -55,15 +55,16 @@ def train(cfg: TrainConfig) -> dict:
     started = time.time()
     d, device, precision = distributed.setup(cfg.device, cfg.precision)
     out_dir = Path(cfg.output_dir)
+    workers = resolve_num_workers(cfg.num_workers, device.type)
+    resolved = {**asdict(cfg), "num_workers": workers, "precision": precision, "device": str(device)}  # for run.json
     hub_repo = None
     if d.is_main:
         checkpoint.prepare_output_dir(out_dir, cfg.overwrite_output_dir, resuming=cfg.resume_from_checkpoint is not None)
         if cfg.push_to_hub:  # no network or no token: say so now, not after hours of training
             hub_repo = publish.check_push(cfg.hub_model_id, None, out_dir)
         checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
-            asdict(cfg), started, None, report.device_description(device)))
+            resolved, started, None, report.device_description(device)))
     torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
-    workers = resolve_num_workers(cfg.num_workers, device.type)
     if device.type == "cpu":
         # The workers decode on their own cores; more math threads here would only fight them.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
@@ -274,12 +275,12 @@ def train(cfg: TrainConfig) -> dict:
             log.close()
         if d.is_main:  # the run record says when it ended, however it ended
             checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
-                asdict(cfg), started, time.time(), report.device_description(device)))
+                resolved, started, time.time(), report.device_description(device)))
 
     best = run["best"]
     if d.is_main:
         pictures = report.write_report(out_dir, best, None, splits.label_names)
-        card = report.model_card(asdict(cfg), best, splits.label_names, cfg.model, cfg.dataset, repo_id=hub_repo,
+        card = report.model_card(resolved, best, splits.label_names, cfg.model, cfg.dataset, repo_id=hub_repo,
                                  files=[Path(p).name for p in pictures])
         checkpoint.atomic_write_bytes(out_dir / report.MODEL_CARD, card.encode())
     say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); model saved to {out_dir}"
