@@ -1,5 +1,7 @@
 """Image decoding, the split, and the data order: what decides which pixels the model sees."""
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -54,9 +56,14 @@ def test_unreadable_files_name_the_file(tmp_path):
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10,000 pixels: over the limit, under twice it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10,000 pixels: over twice the limit
     with pytest.raises(BadImageError, match="too many pixels"):
         load_rgb(tmp_path / "big.png")
+    # Between the limit and twice it PIL only warns: such photos are real (100 MP phones), and decode.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning escapes to the user's console either
+        assert load_rgb(tmp_path / "big.png").size == (100, 100)
 
 
 def test_crop_boxes_stay_inside_and_depend_only_on_the_seed():

@@ -97,6 +97,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(100 * 2**20))
             self.end_headers()
             self.wfile.write(b"\xff\xd8" * 1000)
+        elif self.path == "/trickle.png":  # a byte every 0.2 s: each read is quick, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(self.png)))
+            self.end_headers()
+            for i in range(len(self.png)):
+                self.wfile.write(self.png[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.2)
         else:
             self.send_error(404)
 
@@ -131,7 +140,8 @@ def web(tmp_path):
 
 def test_urls_download_with_timeout_and_clear_errors(model, web):
     base, silent, local = web
-    urls = [f"{base}/cat.png", f"{base}/nope.jpg", f"{base}/page", f"{silent}/slow.jpg", f"{base}/huge.jpg"]
+    urls = [f"{base}/cat.png", f"{base}/nope.jpg", f"{base}/page", f"{silent}/slow.jpg", f"{base}/huge.jpg",
+            f"{base}/trickle.png"]
     t0 = time.monotonic()
     r = run("infer.py", local, *urls, "--model", model, "--json", "--top-k", 3, "--timeout", 1,
             env_extra={"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"})  # a user's proxy must not take these
@@ -144,12 +154,13 @@ def test_urls_download_with_timeout_and_clear_errors(model, web):
     assert [p["score"] for p in out[1]["predictions"]] == pytest.approx([p["score"] for p in out[0]["predictions"]],
                                                                         abs=1e-6)
     errs = errors(r.stderr)
-    assert len(errs) == 4
+    assert len(errs) == 5
     assert errs[0] == f"infer.py: error: {urls[1]}: HTTP error 404 Not Found"
     assert errs[1].startswith(f"infer.py: error: {urls[2]}: not an image file") and "text/html" in errs[1]
     assert errs[2] == f"infer.py: error: {urls[3]}: timed out after 1 s (--timeout)"
     assert errs[3].startswith(f"infer.py: error: {urls[4]}: refused, 100 MB is more than the 64 MB limit")
-    assert took < 20  # the silent server cost about --timeout, not the 30 s default
+    assert errs[4] == f"infer.py: error: {urls[5]}: timed out after 1 s (--timeout)"  # a slow body counts too
+    assert took < 20  # the silent and the slow server cost about --timeout each, not the 30 s default
 
 
 def test_batches_a_bad_image_costs_only_its_own_line(model, tmp_path):

@@ -67,6 +67,13 @@ def test_eval_only_reproduces_the_held_out_accuracy(trained, image_folder, tmp_p
     assert not (out / "model.safetensors").exists() and (out / "confusion_matrix.json").exists()
 
 
+def test_eval_only_leaves_a_training_runs_folder_alone(trained, image_folder):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    r = run("train.py", "--eval-only", "--model", trained, "--dataset", image_folder, "--output-dir", trained)
+    assert r.returncode == 2 and "holds a training run" in r.stderr and "pass a new --output-dir" in r.stderr
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+
+
 def test_eval_only_names_classes_the_model_does_not_know(trained, tmp_path):
     other = make_image_folder(tmp_path / "other", per_class=3, classes=("blue_square", "purple_star"))
     r = run("train.py", "--eval-only", "--model", trained, "--dataset", other, "--output-dir", tmp_path / "o")

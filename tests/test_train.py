@@ -1,5 +1,6 @@
 """The training loop, in process: accumulation, determinism, lr 0, bad data, output folder checks."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,10 @@ def test_unreadable_training_images_are_skipped_and_listed(backbone_dir, tmp_pat
     listed = (out / "bad_images.txt").read_text()
     assert "broken.jpg" in listed and "empty.png" in listed and "empty file" in listed
     assert result["eval_samples"] + len(listed.splitlines()) >= 13  # 62 images, ceil(0.2 x 62) held out
-    with pytest.raises(VitfoodError, match=r"unreadable, more than --max-bad-fraction"):
+    with pytest.raises(VitfoodError, match=r"unreadable images, more than --max-bad-fraction 0.0 of the 62"):
         train(config(backbone_dir, folder, tmp_path / "strict", max_bad_fraction=0.0))
+    assert (tmp_path / "strict" / "bad_images.txt").read_text().strip()  # the list, also for a stopped run
+    assert json.loads((tmp_path / "strict" / "run.json").read_text())["status"] == "failed"
 
 
 def test_output_folder_is_checked_before_training(backbone_dir, image_folder, tmp_path):
@@ -87,12 +90,42 @@ def test_output_folder_is_checked_before_training(backbone_dir, image_folder, tm
     (tmp_path / "file").write_text("x")
     with pytest.raises(VitfoodError, match="cannot write there|not a folder"):
         train(config(backbone_dir, image_folder, tmp_path / "file" / "sub"))
+    with pytest.raises(VitfoodError, match="no such folder"):  # a failed setup leaves no folder behind
+        train(config(backbone_dir, tmp_path / "no-such-images", tmp_path / "fresh" / "out"))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(backbone_dir, image_folder, tmp_path):
+    out = tmp_path / "out"
+    train(config(backbone_dir, image_folder, out, epochs=2, save_steps=1))
+    old = {p.name for p in (out / "checkpoints").iterdir()}
+    (out / "model.safetensors").unlink()  # as if the earlier run had stopped before its first evaluation
+    with pytest.raises(VitfoodError, match="holds checkpoints of an earlier run; continue it with --resume"):
+        train(config(backbone_dir, image_folder, out, epochs=1))
+    assert {p.name for p in (out / "checkpoints").iterdir()} == old  # refused: nothing touched
+    train(config(backbone_dir, image_folder, out, epochs=1, overwrite_output_dir=True))
+    new = {p.name for p in (out / "checkpoints").iterdir()}
+    assert len(new) == 1 and len(old) > 1  # only this run's (one epoch), none left from the earlier run
+
+
+def test_split_folders_are_not_taken_for_classes(backbone_dir, tmp_path):
+    make_image_folder(tmp_path / "ds" / "train", per_class=4)
+    make_image_folder(tmp_path / "ds" / "validation", per_class=2, seed=1)
+    with pytest.raises(VitfoodError, match="look like splits, not classes; pass --train-split train --eval-split validation"):
+        train(config(backbone_dir, tmp_path / "ds", tmp_path / "a"))
+    with pytest.raises(VitfoodError, match=r"no test/ folder for --eval-split test \(it has train, validation\)"):
+        train(config(backbone_dir, tmp_path / "ds", tmp_path / "b", eval_split="test"))
+    result = train(config(backbone_dir, tmp_path / "ds", tmp_path / "c", eval_split="validation"))
+    assert result["eval_samples"] == 6
 
 
 @pytest.mark.parametrize("flag, value, message", [
     ("batch_size", 0, "--batch-size must be at least 1"),
     ("test_size", 1.5, "--test-size must be between 0 and 1"),
     ("precision", "fp16", "fp16 needs a CUDA GPU"),
+    ("seed", -1, "--seed must be 0 or more"),
+    ("weight_decay", -0.1, "--weight-decay must not be negative"),
+    ("hub_model_id", "me/food", "--hub-model-id names the repository for --push-to-hub"),
 ])
 def test_bad_settings_are_named(backbone_dir, image_folder, tmp_path, flag, value, message):
     with pytest.raises(VitfoodError, match=message):

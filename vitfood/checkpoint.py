@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from vitfood.errors import VitfoodError
@@ -25,6 +27,33 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, resuming: bool = False) -
     if (out_dir / SAFETENSORS_NAME).exists() and not (overwrite or resuming):
         raise VitfoodError(f"--output-dir {out_dir}: already holds a trained model; "
                            "choose another folder or pass --overwrite-output-dir")
+    if list_checkpoints(out_dir) and not resuming:
+        if not overwrite:
+            raise VitfoodError(f"--output-dir {out_dir}: holds checkpoints of an earlier run; continue it with "
+                               "--resume-from-checkpoint, or start over with --overwrite-output-dir")
+        # Starting over: the earlier run's checkpoints must not be mixed with this run's, nor resumed later.
+        try:
+            shutil.rmtree(out_dir / CHECKPOINTS)
+        except OSError as e:
+            raise VitfoodError(f"--output-dir {out_dir}: cannot remove the earlier run's checkpoints "
+                               f"({e.strerror or e})") from None
+    _make_writable_dir(out_dir)
+
+
+def prepare_report_dir(out_dir: Path) -> None:
+    """--eval-only's folder: its report must not replace a training run's own record and results."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VitfoodError(f"--output-dir {out_dir}: exists and is not a folder")
+    if (out_dir / SAFETENSORS_NAME).exists() or list_checkpoints(out_dir):
+        raise VitfoodError(f"--output-dir {out_dir}: holds a training run (its model, results and run.json); "
+                           "--eval-only writes its report to another folder: pass a new --output-dir")
+    _make_writable_dir(out_dir)
+
+
+def _make_writable_dir(out_dir: Path) -> None:
+    """Prove the folder can be written, leaving no trace: folders made for the test are removed again
+    (a run that then fails on its dataset or model leaves nothing behind); the run makes them anew."""
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
@@ -32,6 +61,9 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, resuming: bool = False) -
         probe.unlink()
     except OSError as e:
         raise VitfoodError(f"--output-dir {out_dir}: cannot write there ({e.strerror or e})") from None
+    for path in made:  # deepest first
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -36,6 +36,12 @@ def infer_command() -> None:
     exit_now(infer_main())
 
 
+def _prog(script: str) -> str:
+    """The command's name in its messages: train.py / infer.py, or vitfood-train / vitfood-infer."""
+    name = os.path.basename(sys.argv[0] or "")
+    return name if name.startswith("vitfood-") else script
+
+
 EXIT_USAGE = 2  # bad flags, an unusable model, dataset or output folder
 EXIT_BAD_INPUT = 1  # infer.py: some images could not be classified (the others were)
 
@@ -51,10 +57,10 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         evaluate_only(cfg) if cfg.eval_only else train(cfg)
     except VitfoodError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"{_prog('train.py')}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as e:
-        print(f"train.py: {e} after saving {e.checkpoint_dir}; to continue exactly where it stopped, run the "
+        print(f"{_prog('train.py')}: {e} after saving {e.checkpoint_dir}; to continue exactly where it stopped, run the "
               f"same command with --resume-from-checkpoint", file=sys.stderr)
         return 128 + e.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     finally:
@@ -101,7 +107,7 @@ def infer_main(argv: list[str] | None = None) -> int:
     try:
         return _infer(args)
     except KeyboardInterrupt:
-        print("infer.py: interrupted", file=sys.stderr)
+        print(f"{_prog('infer.py')}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `infer.py photos/ | head`: the reader has had enough
         import os
@@ -121,7 +127,7 @@ def _infer(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         clf = load_classifier(args.model, str(device))
     except VitfoodError as e:
-        print(f"infer.py: error: {e}", file=sys.stderr)
+        print(f"{_prog('infer.py')}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     start = time.perf_counter()
     inputs = expand_inputs(args.images)
@@ -138,16 +144,16 @@ def _infer(args: argparse.Namespace) -> int:
             if r.error is not None:
                 failed += 1
                 if bar is not None:
-                    bar.write(f"infer.py: error: {r.error}", file=sys.stderr)
+                    bar.write(f"{_prog('infer.py')}: error: {r.error}", file=sys.stderr)
                 else:
-                    print(f"infer.py: error: {r.error}", file=sys.stderr)
+                    print(f"{_prog('infer.py')}: error: {r.error}", file=sys.stderr)
             else:
                 classified += 1
                 emit(r.image, r.predictions)
             if bar is not None:
                 bar.update()
     except torch.cuda.OutOfMemoryError:
-        print(f"infer.py: error: out of GPU memory with --batch-size {args.batch_size}; use a smaller one "
+        print(f"{_prog('infer.py')}: error: out of GPU memory with --batch-size {args.batch_size}; use a smaller one "
               f"(the {classified} images printed above were classified)", file=sys.stderr)
         return EXIT_USAGE
     finally:
@@ -155,7 +161,7 @@ def _infer(args: argparse.Namespace) -> int:
             bar.close()
     if len(inputs) >= SUMMARY_MIN_IMAGES:
         seconds = time.perf_counter() - start
-        print(f"infer.py: classified {classified} images in {seconds:.1f} s ({classified / seconds:.1f} images/s), "
+        print(f"{_prog('infer.py')}: classified {classified} images in {seconds:.1f} s ({classified / seconds:.1f} images/s), "
               f"{failed} failed", file=sys.stderr)
     return EXIT_BAD_INPUT if failed else 0
 

@@ -112,7 +112,7 @@ class TrainConfig:
                                               "no PATH from the newest checkpoint in --output-dir", "checkpoints",
                                               nargs="?", const="latest")
     skip_nonfinite: int = _opt(0, "skip up to N optimizer steps whose loss or gradient is NaN/inf instead of "
-                               "stopping at the first", "checkpoints")
+                               "stopping at the first", "checkpoints", metavar="N")
 
     def validate(self) -> None:
         from vitfood.errors import VitfoodError
@@ -122,15 +122,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise VitfoodError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples", "num_workers", "save_steps", "save_total_limit",
-                     "skip_nonfinite"):
+                     "skip_nonfinite", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise VitfoodError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not 0 < self.test_size < 1:
             raise VitfoodError(f"--test-size must be between 0 and 1, got {self.test_size}")
         if not 0 <= self.warmup_ratio <= 1:
             raise VitfoodError(f"--warmup-ratio must be between 0 and 1, got {self.warmup_ratio}")
-        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise VitfoodError("--learning-rate, --weight-decay and --max-grad-norm must not be negative")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise VitfoodError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.hub_model_id is not None and not self.push_to_hub:
+            raise VitfoodError("--hub-model-id names the repository for --push-to-hub: pass both, or neither")
         if not 0 <= self.rotation <= 180:
             raise VitfoodError(f"--rotation must be between 0 and 180 degrees, got {self.rotation}")
         if not 0 <= self.zoom < 1:
@@ -139,9 +142,16 @@ class TrainConfig:
             raise VitfoodError(f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}")
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, except None: those fields' help says what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
     """One flag per dataclass field: `--name-with-dashes`, type and default from the field."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpWithDefaults)
     groups: dict[str, argparse._ArgumentGroup] = {}
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -154,7 +164,8 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = {str | None: str, int | None: int}.get(hint, hint)
-            kwargs["metavar"] = "PATH" if f.metadata.get("nargs") else f.name.split("_")[-1].upper()
+            kwargs["metavar"] = f.metadata.get("metavar") or ("PATH" if f.metadata.get("nargs")
+                                                               else f.name.split("_")[-1].upper())
         for key in ("nargs", "const"):
             if key in f.metadata:
                 kwargs[key] = f.metadata[key]

@@ -151,6 +151,22 @@ def _load_arrow_split(dataset: str, split: str, max_rows: int):
     return datasets.load_dataset("parquet", data_files={split: files}, split=split)
 
 
+_SPLIT_NAMES = {"train", "training", "validation", "valid", "val", "test", "testing", "eval", "evaluation", "dev"}
+
+
+def _refuse_split_layout(path: Path) -> None:
+    """DIR/train/<class>/..., DIR/validation/<class>/... read without --eval-split would make "train" and
+    "validation" the classes: a silent, useless run. Say what to pass instead."""
+    subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if subdirs and all(d.name.lower() in _SPLIT_NAMES for d in subdirs) and \
+            any(c.is_dir() for d in subdirs for c in d.iterdir()):
+        names = sorted(d.name for d in subdirs)
+        other = next((n for n in names if n.lower() not in ("train", "training")), names[-1])
+        raise VitfoodError(f"--dataset {path}: its folders ({', '.join(names)}) look like splits, not classes; pass "
+                           f"--train-split {next((n for n in names if n.lower() in ('train', 'training')), names[0])} "
+                           f"--eval-split {other}")
+
+
 def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
@@ -168,9 +184,15 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
     path = Path(dataset).expanduser()
     folder = path.is_dir() and not is_saved_dataset(path)
     if folder:
-        if eval_split is not None and not (path / train_split).is_dir():
-            raise VitfoodError(f"--eval-split with an image folder expects {path}/{train_split}/ and "
-                               f"{path}/{eval_split}/, each with one subfolder per class")
+        if eval_split is not None:
+            for split in (train_split, eval_split):
+                if not (path / split).is_dir():
+                    present = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+                    raise VitfoodError(f"--dataset {path}: no {split}/ folder for --{'eval' if split == eval_split else 'train'}"
+                                       f"-split {split} (it has {', '.join(present) or 'no folders'}); with --eval-split "
+                                       "an image folder holds one folder per split, each with one folder per class")
+        else:
+            _refuse_split_layout(path)
         train = scan_folder(path / train_split if eval_split is not None else path)
         if max_train_samples and max_train_samples < len(train):
             # Folders are listed class by class: the first N would be the first few classes only.
@@ -298,14 +320,15 @@ class BadImages:
 
     def __init__(self, total_images: int, max_fraction: float):
         self.found: dict[str, str] = {}  # image name -> reason
-        self.total, self.limit = total_images, max_fraction * total_images
+        self.total, self.max_fraction = total_images, max_fraction
 
     def add(self, found: list[tuple[str, str]]) -> None:
         self.found.update(found)
-        if found and len(self.found) > self.limit:
+        if found and len(self.found) > self.max_fraction * self.total:
             name, why = next(iter(self.found.items()))
-            raise VitfoodError(f"{len(self.found)} of {self.total} images are unreadable, more than "
-                               f"--max-bad-fraction allows; the first: {name}: {why}")
+            raise VitfoodError(f"stopped at {len(self.found)} unreadable images, more than --max-bad-fraction "
+                               f"{self.max_fraction} of the {self.total} allows (all listed in bad_images.txt in the "
+                               f"output folder); the first: {name}: {why}")
 
     def lines(self) -> str:
         return "".join(f"{name}\t{why}\n" for name, why in sorted(self.found.items()))

@@ -74,7 +74,7 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     d, device, precision = distributed.setup(cfg.device, cfg.precision)
     out_dir = Path(cfg.output_dir)
     if d.is_main:
-        checkpoint.prepare_output_dir(out_dir, overwrite=True)  # nothing of a model is written here
+        checkpoint.prepare_report_dir(out_dir)
     model_dir = resolve_model_dir(cfg.model)
     model, _ = load_model(model_dir)  # the checkpoint's own trained head
     prep = load_preprocessing(model_dir, model.arch.image_size)
@@ -87,14 +87,18 @@ def evaluate_only(cfg: TrainConfig) -> dict:
                               prep, workers, device.type == "cuda", cfg.seed)
     model.to(device)
     bad = data.BadImages(len(splits.eval), cfg.max_bad_fraction)
-    results, confusion = evaluate(model, loader, prep, device, precision, model.arch.labels, d, bad, label_map)
+    try:
+        results, confusion = evaluate(model, loader, prep, device, precision, model.arch.labels, d, bad, label_map)
+    finally:
+        if d.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        if d.is_main and bad.found:  # also when too many of them stopped the evaluation
+            checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
     if d.is_main:
         checkpoint.write_json(out_dir / checkpoint.EVAL_RESULTS, {**results, "model": str(cfg.model),
                                                                   "dataset": str(cfg.dataset)})
         report.save_confusion(out_dir / report.CONFUSION_JSON, confusion, model.arch.labels)
         report.write_report(out_dir, results, confusion, model.arch.labels)
-        if bad.found:
-            checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
         resolved = {**asdict(cfg), "num_workers": workers, "precision": precision, "device": str(device)}
         checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
             resolved, started, time.time(), report.device_description(device)))

@@ -45,7 +45,9 @@ def _hub_error(kind: str, repo_id: str, e: BaseException | None, flag: str) -> V
     else:
         first = (str(e).strip().splitlines() or [""])[0][:120]
         why = f"{type(e).__name__}: {first}"
-    return VitfoodError(f"cannot download {kind} {repo_id!r} from the Hugging Face Hub: {why}; "
+    # A bare name ("food", "vitfood-output") is as likely a local folder that is missing or mistyped.
+    local = f"no folder {repo_id!r} here, and " if "/" not in repo_id else ""
+    return VitfoodError(f"{local}cannot download {kind} {repo_id!r} from the Hugging Face Hub: {why}; "
                         f"to work offline pass a local folder with {flag} PATH")
 
 

@@ -28,17 +28,23 @@ _ABSENT = -1
 
 
 class ImageCache:
-    def __init__(self, folder: Path, num_images: int):
-        """Create (empty) the cache for `num_images` images. Call in the main process, before the workers."""
+    def __init__(self, folder: Path, num_images: int, create: bool = True):
+        """The cache for `num_images` images, made empty now or by `create()` later (nothing is on disk
+        until then, so a run that fails in its setup leaves nothing). Create it in the main process,
+        before the DataLoader workers start."""
         self.folder, self.num_images = Path(folder), num_images
+        self._open()
+        if create:
+            self.create()
+
+    def create(self) -> None:
         if self.folder.exists():
             shutil.rmtree(self.folder)  # a killed run's leftovers: only derived data
         self.folder.mkdir(parents=True)
-        index = np.lib.format.open_memmap(self.folder / "index.npy", mode="w+", dtype=np.int64, shape=(num_images, 3))
+        index = np.lib.format.open_memmap(self.folder / "index.npy", mode="w+", dtype=np.int64, shape=(self.num_images, 3))
         index[:, 2] = _ABSENT
         index.flush()
         del index
-        self._open()
 
     def _open(self) -> None:
         self._index = None  # opened lazily: each worker process maps the file itself
@@ -125,7 +131,8 @@ def should_cache(setting: str, epochs: int, world: int, need_bytes: int, folder:
     """
     if setting == "off":
         return False, "off"
-    free = shutil.disk_usage(folder).free
+    existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # made only when training starts
+    free = shutil.disk_usage(existing).free
     size, free_gib = f"{need_bytes / 2**30:.1f} GiB", f"{free / 2**30:.1f} GiB"
     if need_bytes + reserve_bytes > free:
         return False, f"off: about {size}, which with room for the checkpoints is more than the {free_gib} free"

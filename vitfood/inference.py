@@ -193,7 +193,7 @@ def fetch_url(url: str, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> 
                 raise BadImageError(f"{url}: refused, {int(length) / 2**20:.0f} MB is more than the "
                                     f"{max_bytes / 2**20:.0f} MB limit for a downloaded image")
             chunks, size = [], 0
-            while chunk := resp.read(1 << 16):
+            while chunk := resp.read1(1 << 16):  # read1: returns what one recv brings, so the deadline is checked
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:

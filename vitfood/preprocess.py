@@ -139,8 +139,9 @@ def open_image(src) -> Image.Image:
     name = str(src) if isinstance(src, (str, Path)) else "<image bytes>"
     try:
         with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; we refuse both.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's own policy: beyond twice MAX_IMAGE_PIXELS (179 MP) it refuses; between 89 MP and 179 MP it
+            # only warns, and such pictures (100 MP+ phone photos) are real: decode them, quietly.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(src, (bytes, bytearray, memoryview)):
                 src = io.BytesIO(src)
             return Image.open(src)
@@ -148,7 +149,7 @@ def open_image(src) -> Image.Image:
         raise BadImageError(f"{name}: file not found") from None
     except IsADirectoryError:
         raise BadImageError(f"{name}: is a directory, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise BadImageError(f"{name}: refused, too many pixels ({e})") from None
     except Image.UnidentifiedImageError:
         empty = isinstance(src, (str, Path)) and Path(src).is_file() and Path(src).stat().st_size == 0

@@ -439,6 +439,19 @@ def run_record(config: dict, started: float, ended: float | None, device: str) -
 # ---------------------------------------------------------------- TensorBoard (optional)
 
 
+def summary_writer_class():
+    """torch's SummaryWriter, or a one-line VitfoodError: call it before training to fail early."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VitfoodError("--report-to tensorboard needs the tensorboard package: "
+                           "pip install 'vitfood[tensorboard]'") from None
+    except Exception as e:  # e.g. a protobuf that this tensorboard does not accept
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise VitfoodError(f"--report-to tensorboard: cannot load tensorboard ({type(e).__name__}: {first})") from None
+    return SummaryWriter
+
+
 class TensorBoardLog:
     """The scalars of metrics.jsonl, also as TensorBoard events in out_dir/runs/ (the Hub's metrics tab).
 
@@ -449,14 +462,7 @@ class TensorBoardLog:
     """
 
     def __init__(self, out_dir, resume_step: int = 0):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise VitfoodError("--report-to tensorboard needs the tensorboard package: "
-                               "pip install 'vitfood[tensorboard]'") from None
-        except Exception as e:  # e.g. a protobuf that this tensorboard does not accept
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            raise VitfoodError(f"--report-to tensorboard: cannot load tensorboard ({type(e).__name__}: {first})") from None
+        SummaryWriter = summary_writer_class()
         self.log_dir = Path(out_dir) / TENSORBOARD_DIR
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=resume_step + 1 if resume_step else None)
 

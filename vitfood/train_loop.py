@@ -62,8 +62,8 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint.prepare_output_dir(out_dir, cfg.overwrite_output_dir, resuming=cfg.resume_from_checkpoint is not None)
         if cfg.push_to_hub:  # no network or no token: say so now, not after hours of training
             hub_repo = publish.check_push(cfg.hub_model_id, None, out_dir)
-        checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
-            resolved, started, None, report.device_description(device)))
+        if cfg.report_to == "tensorboard":
+            report.summary_writer_class()  # not installed: say so now
     torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
     if device.type == "cpu":
         # The workers decode on their own cores; more math threads here would only fight them.
@@ -84,9 +84,11 @@ def train(cfg: TrainConfig) -> dict:
     reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in model.parameters())
     use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir,
                                                      reserve)
+    resolved["decode_cache"] = "on" if use_cache else "off"
     cache_dir = out_dir / "decoded-images" / f"rank-{d.rank}"
-    train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train)) if use_cache else None
-    eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval)) if use_cache else None
+    # Made on disk just before the loop, with the loop's cleanup: a failed setup leaves no cache behind.
+    train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train), create=False) if use_cache else None
+    eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval), create=False) if use_cache else None
     train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
     train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache,
                                                      cfg.rotation, cfg.zoom),
@@ -166,13 +168,22 @@ def train(cfg: TrainConfig) -> dict:
         f"{cfg.epochs} epochs x {steps_per_epoch} optimizer steps of {cfg.batch_size} x {cfg.grad_accum_steps} "
         f"accumulation x {d.world} process(es) = {cfg.batch_size * cfg.grad_accum_steps * d.world} images; "
         f"{device}, {precision}, {workers} workers; decoded-image cache {cache_note}")
+    def write_run_record(status: str) -> None:
+        """run.json: written once the setup has succeeded (a run that fails before it leaves an earlier
+        run's record alone), and again when the run ends, however it ends."""
+        record = report.run_record(resolved, started, None if status == "running" else time.time(),
+                                   report.device_description(device))
+        checkpoint.write_json(out_dir / report.RUN_JSON, {**record, "status": status})
+
     if d.is_main and cfg.resume_from_checkpoint is not None:
         checkpoint.truncate_metrics(out_dir / checkpoint.METRICS, run["step"])
     logs = []  # metrics.jsonl, and TensorBoard when asked for; rank 0 only
     if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # the setup succeeded: now the folder is made
         logs.append(checkpoint.MetricsLog(out_dir / checkpoint.METRICS, append=cfg.resume_from_checkpoint is not None))
         if cfg.report_to == "tensorboard":
             logs.append(report.TensorBoardLog(out_dir, resume_step=run["step"]))
+        write_run_record("running")
     bar = tqdm(total=total_steps, initial=run["step"], desc="train", unit="step", disable=not d.is_main,
                dynamic_ncols=True)
     stop = _StopSignals()
@@ -181,9 +192,12 @@ def train(cfg: TrainConfig) -> dict:
     loss_sum = torch.tensor(run["loss_sum"], device=device)  # summed on the device: no host sync per step
     samples_since_log, t_log = run["samples_since_log"], time.perf_counter()
     start_epoch, done_in_epoch = divmod(run["step"], steps_per_epoch)
-    if done_in_epoch == 0 and run["epochs_evaluated"] < start_epoch:
-        end_of_epoch(start_epoch - 1)  # stopped between an epoch's last step and its evaluation
+    status = "failed"
     try:
+        for cache in (train_cache, eval_cache) if use_cache else ():
+            cache.create()
+        if done_in_epoch == 0 and run["epochs_evaluated"] < start_epoch:
+            end_of_epoch(start_epoch - 1)  # stopped between an epoch's last step and its evaluation
         for epoch in range(start_epoch, cfg.epochs):
             skip = done_in_epoch * cfg.grad_accum_steps if epoch == start_epoch else 0
             train_sampler.set_epoch(epoch, skip_batches=skip)
@@ -264,6 +278,10 @@ def train(cfg: TrainConfig) -> dict:
 
             end_of_epoch(epoch)
             t_log = time.perf_counter()  # evaluation time is not training throughput
+        status = "finished"
+    except TrainingInterrupted:
+        status = "interrupted"
+        raise
     finally:
         stop.restore()
         bar.close()
@@ -273,9 +291,10 @@ def train(cfg: TrainConfig) -> dict:
                 cache_dir.parent.rmdir()  # the last rank out removes the folder
         for log in logs:
             log.close()
-        if d.is_main:  # the run record says when it ended, however it ended
-            checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
-                resolved, started, time.time(), report.device_description(device)))
+        if d.is_main:
+            if bad.found:  # also when too many bad images stopped the run: the list says which
+                checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
+            write_run_record(status)
 
     best = run["best"]
     if d.is_main:
