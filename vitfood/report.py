@@ -246,7 +246,8 @@ def write_report(out_dir, results: dict | None, confusion, label_names) -> list[
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 # Settings that change nothing about the model; run.json keeps them all.
 _NOT_HYPERPARAMETERS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
-                        "save_steps", "save_total_limit", "num_workers")
+                        "save_steps", "save_total_limit", "num_workers", "decode_cache", "eval_only", "report_to",
+                        "push_to_hub", "hub_model_id", "device", "max_bad_fraction", "skip_nonfinite")
 
 
 def is_hub_id(name: str) -> bool:

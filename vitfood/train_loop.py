@@ -84,7 +84,8 @@ def train(cfg: TrainConfig) -> dict:
     reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in model.parameters())
     use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir,
                                                      reserve)
-    resolved["decode_cache"] = "on" if use_cache else "off"
+    resolved.update(decode_cache="on" if use_cache else "off", train_images=len(splits.train),
+                    eval_images=len(splits.eval))  # the images actually used, whatever --max-*-samples said
     cache_dir = out_dir / "decoded-images" / f"rank-{d.rank}"
     # Made on disk just before the loop, with the loop's cleanup: a failed setup leaves no cache behind.
     train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train), create=False) if use_cache else None
