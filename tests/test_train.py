@@ -146,3 +146,17 @@ def test_cuda_without_an_index_becomes_the_current_gpu(monkeypatch):
     assert chosen == [0, 0, 1]
     with pytest.raises(VitfoodError, match="only 2 CUDA GPU"):
         distributed.resolve_device("cuda:5", distributed.Dist())
+
+
+def test_compiled_training_saves_the_same_plain_model(backbone_dir, tmp_path):
+    # torch.compile (about 20 s on this CPU): same weights as eager to float rounding, and the files
+    # hold the model's own names (no torch.compile `_orig_mod.` prefix), loadable by transformers.
+    folder = make_image_folder(tmp_path / "img", per_class=8)
+    train(config(backbone_dir, folder, tmp_path / "eager", epochs=1))
+    train(config(backbone_dir, folder, tmp_path / "compiled", epochs=1, compile=True))
+    eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert set(eager) == set(compiled) and not any("_orig_mod" in k for k in compiled)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=0, msg=k)
+    ckpt = sorted((tmp_path / "compiled" / "checkpoints").iterdir())[-1]
+    assert not any("_orig_mod" in k for k in load_file(str(ckpt / "model.safetensors")))
