@@ -121,7 +121,8 @@ def _infer(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vitfood.inference import classify_stream, expand_inputs, load_classifier, resolve_device, resolve_precision
+    from vitfood.distributed import resolve_device
+    from vitfood.inference import classify_stream, expand_inputs, load_classifier, resolve_precision
 
     try:
         device = resolve_device(args.device)

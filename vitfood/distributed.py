@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -47,15 +48,15 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def resolve_device(flag: str, d: Dist) -> torch.device:
+def resolve_device(flag: str, d: Dist = Dist()) -> torch.device:
+    """--device (auto, cpu, cuda, cuda:N) -> this process's device, made current; auto: a GPU if there is one."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", flag):
+        raise VitfoodError(f"--device {flag!r}: not a device name (auto, cpu, cuda, cuda:N)")
     if flag == "auto":
         flag = "cuda" if torch.cuda.is_available() else "cpu"
     if flag == "cuda" and d.world > 1:
         flag = f"cuda:{d.local_rank}"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise VitfoodError(f"--device {flag!r}: not a device name (cpu, cuda, cuda:N)") from None
+    device = torch.device(flag)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise VitfoodError(f"--device {flag}: no CUDA GPU is available here")

@@ -100,7 +100,6 @@ def classify(images, model_dir: str | Path = DEFAULT_MODEL_DIR, top_k: int = 5, 
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # a URL's body is held in memory: refuse anything larger
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _GLOB_MAGIC = re.compile(r"[*?[]")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def is_url(arg: str) -> bool:
@@ -232,22 +231,6 @@ def decode_source(clf: Classifier, source: str, timeout: float) -> np.ndarray:
         raise
     except Exception as e:  # a decoder's own bug on a hostile file: still only this image's loss
         raise BadImageError(f"{source}: cannot decode ({type(e).__name__}: {e})") from None
-
-
-def resolve_device(flag: str) -> torch.device:
-    """--device: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N."""
-    if not _DEVICE.match(flag):
-        raise VitfoodError(f"--device {flag!r}: not a device name (auto, cpu, cuda, cuda:N)")
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(flag)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VitfoodError(f"--device {flag}: no CUDA GPU is available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise VitfoodError(f"--device {flag}: there are only {torch.cuda.device_count()} CUDA GPU(s) here "
-                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return device
 
 
 def resolve_precision(flag: str, device: torch.device) -> torch.dtype | None:

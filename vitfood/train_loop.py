@@ -79,7 +79,8 @@ def train(cfg: TrainConfig) -> dict:
     num_labels = len(splits.label_names)
 
     pin = device.type == "cuda"
-    cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep), seed=cfg.seed)
+    cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep), seed=cfg.seed) \
+        if cfg.decode_cache != "off" else 0
     # Room kept for checkpoints (weights and two AdamW moments, a few of them) and the best model.
     reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in model.parameters())
     use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir,
@@ -169,6 +170,7 @@ def train(cfg: TrainConfig) -> dict:
         f"{cfg.epochs} epochs x {steps_per_epoch} optimizer steps of {cfg.batch_size} x {cfg.grad_accum_steps} "
         f"accumulation x {d.world} process(es) = {cfg.batch_size * cfg.grad_accum_steps * d.world} images; "
         f"{device}, {precision}, {workers} workers; decoded-image cache {cache_note}")
+
     def write_run_record(status: str) -> None:
         """run.json: written once the setup has succeeded (a run that fails before it leaves an earlier
         run's record alone), and again when the run ends, however it ends."""
