@@ -4,7 +4,7 @@ Why: on a small machine, decoding is most of what a training image costs (0.7 ms
 one core for a Food-101 JPEG); reading the decoded pixels back from the page cache and cropping them
 costs about 0.2 ms. FFCV's approach, without a conversion step: the first epoch fills the cache.
 
-Layout of a cache folder: `index.i64`, a memory-mapped [N, 3] int64 table shared by every process
+Layout of a cache folder: `index.npy`, a memory-mapped [N, 3] int64 table shared by every process
 (offset, height << 32 | width, writer), and one append-only `data-<writer>.u8` per process that
 writes. A worker writes the pixels first and the entry's writer field last, so an entry that is
 visible is complete. Each image is written by one process (the one that first decodes it in an
@@ -131,6 +131,8 @@ def should_cache(setting: str, epochs: int, world: int, need_bytes: int, folder:
     """
     if setting == "off":
         return False, "off"
+    if not (hasattr(os, "pwrite") and hasattr(os, "preadv")):  # Windows, some older macOS Pythons
+        return False, "off (this platform has no os.pwrite/os.preadv)"
     existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # made only when training starts
     free = shutil.disk_usage(existing).free
     size, free_gib = f"{need_bytes / 2**30:.1f} GiB", f"{free / 2**30:.1f} GiB"
