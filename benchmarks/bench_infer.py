@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, make_jpeg_folder, make_vit_checkpoint, table, versions, write_jsonl
+from common import ROOT, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
 
 PIPELINE_JOB = ("import sys; from transformers import pipeline; "
                 "p = pipeline('image-classification', model=sys.argv[1], device='cpu'); "
                 "print(p(sys.argv[2], top_k=5))")
-
-
-def timed(cmd: list[str]) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t
 
 
 def cold(args) -> list[dict]:
@@ -39,11 +29,11 @@ def cold(args) -> list[dict]:
     photo = next((make_jpeg_folder(work / "jpegs", 4)).rglob("*.jpg"))
     ours = [sys.executable, str(ROOT / "infer.py"), str(photo), "--model", str(model)]
     theirs = [sys.executable, "-c", PIPELINE_JOB, str(model), str(photo)]
-    timed(ours), timed(theirs)  # warm the OS file cache for both, as a user's second run
+    timed_run(ours), timed_run(theirs)  # warm the OS file cache for both, as a user's second run
     t_ours, t_theirs = [], []
     for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
-        t_ours.append(timed(ours))
-        t_theirs.append(timed(theirs))
+        t_ours.append(timed_run(ours)[0])
+        t_theirs.append(timed_run(theirs)[0])
     a, b = statistics.median(t_ours), statistics.median(t_theirs)
     return [{"job": f"cold start, ViT-{args.model_size}, 1 photo", "vitfood infer.py s": a,
              "transformers.pipeline s": b, "ratio": a / b}]

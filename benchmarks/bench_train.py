@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, make_jpeg_folder, make_vit_checkpoint, table, versions, write_jsonl
+from common import ROOT, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
+
+from vitfood.config import usable_cores
 
 GUIDE = str(ROOT / "benchmarks" / "guide_trainer.py")
 
@@ -152,17 +153,11 @@ def compute(args, work: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- end to end, whole processes
 
-def timed_run(cmd: list[str], log: Path) -> tuple[float, str]:
+def run_job(cmd: list[str], log: Path) -> tuple[float, str]:
     # Each job its own, empty compiler cache: none profits from kernels another one compiled.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-", dir=log.parent)}
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - t
-    log.write_text(r.stdout + r.stderr)
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return seconds, r.stdout
+    return timed_run(cmd, log, env)
 
 
 def vitfood_steady_rate(out: Path, skip: int = 2) -> float | None:
@@ -176,7 +171,7 @@ def vitfood_steady_rate(out: Path, skip: int = 2) -> float | None:
 def e2e(args, work: Path) -> list[dict]:
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     workers = args.workers if args.workers is not None else max(0, min(16, cores - 1))
     classes = 101 if args.images >= 404 else 4
     folder = make_jpeg_folder(work / f"jpegs-{args.images}-{classes}", args.images, classes=classes, processes=cores)
@@ -209,7 +204,7 @@ def e2e(args, work: Path) -> list[dict]:
     for repeat in range(args.repeats):  # interleaved, so drift in the machine hits every job alike
         for name, cmd, kind in jobs:
             try:
-                seconds, stdout = timed_run(cmd, work / f"log-{list(runs).index(name)}-{repeat}.txt")
+                seconds, stdout = run_job(cmd, work / f"log-{list(runs).index(name)}-{repeat}.txt")
             except SystemExit as e:  # one failed job must not cost the others' results
                 print(e, file=sys.stderr, flush=True)
                 continue

@@ -95,14 +95,25 @@ def versions() -> dict:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = "absent"
-    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({_cores()} cores)"
+    from vitfood.config import usable_cores
+
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({usable_cores()} cores)"
     return out
 
 
-def _cores() -> int:
-    import os
+def timed_run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> tuple[float, str]:
+    """(wall seconds, stdout) of a command run as a new process from the repository root; a failure exits."""
+    import subprocess
+    import time
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    if log is not None:
+        log.write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return seconds, r.stdout
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -110,8 +110,6 @@ def infer_main(argv: list[str] | None = None) -> int:
         print(f"{_prog('infer.py')}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `infer.py photos/ | head`: the reader has had enough
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141  # the shell's 128 + SIGPIPE
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitfood.config import TrainConfig
+from vitfood.config import TrainConfig, usable_cores
 from vitfood.errors import VitfoodError
 from vitfood.model import ViT, load_model, resolve_model_dir
 from vitfood.preprocess import BadImageError, Preprocessing, load_preprocessing, load_rgb
@@ -251,8 +251,7 @@ class Result:
 
 def decode_threads() -> int:
     """Threads that read and decode images while the model runs (PIL and urllib release the GIL)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus))  # no more than the cores: they share them with the model's own threads
+    return max(1, min(8, usable_cores()))  # no more than the cores: they share them with the model's own threads
 
 
 class _DecodePool:
