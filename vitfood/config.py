@@ -55,6 +55,10 @@ class TrainConfig:
                                   "Hub and save_to_disk datasets take the first N rows, folders a seeded random N", "data")
     max_eval_samples: int = _opt(0, "cap the evaluation images (the first N of --eval-split); 0 = all", "data")
     test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data")
+    crop_scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop's range for the share of the image's area "
+                                           "each training crop covers (torchvision's and the guide's 0.08 1.0); raise "
+                                           "MIN for small or centred subjects; 1 1 keeps the whole image", "data", nargs=2,
+                                           metavar=("MIN", "MAX"))
     flip: bool = _opt(True, "random horizontal flip during training", "data")
     rotation: float = _opt(0.0, "random rotation of each training crop by up to this many degrees either way "
                            "(the guide's TensorFlow path uses about 7); 0 = off", "data")
@@ -114,6 +118,9 @@ class TrainConfig:
     skip_nonfinite: int = _opt(0, "skip up to N optimizer steps whose loss or gradient is NaN/inf instead of "
                                "stopping at the first", "checkpoints", metavar="N")
 
+    def __post_init__(self):
+        self.crop_scale = tuple(self.crop_scale)  # argparse and JSON give a list
+
     def validate(self) -> None:
         from vitfood.errors import VitfoodError
 
@@ -138,6 +145,9 @@ class TrainConfig:
             raise VitfoodError(f"--rotation must be between 0 and 180 degrees, got {self.rotation}")
         if not 0 <= self.zoom < 1:
             raise VitfoodError(f"--zoom must be at least 0 and below 1, got {self.zoom}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise VitfoodError(f"--crop-scale {low:g} {high:g}: needs 0 < MIN <= MAX <= 1")
         if not 0 <= self.max_bad_fraction <= 1:
             raise VitfoodError(f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}")
 
@@ -163,7 +173,7 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = {str | None: str, int | None: int}.get(hint, hint)
+            kwargs["type"] = {str | None: str, int | None: int, tuple[float, float]: float}.get(hint, hint)
             kwargs["metavar"] = f.metadata.get("metavar") or ("PATH" if f.metadata.get("nargs")
                                                                else f.name.split("_")[-1].upper())
         for key in ("nargs", "const"):

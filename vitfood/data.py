@@ -242,10 +242,10 @@ class TrainImages(Dataset):
     """
 
     def __init__(self, records: Records, prep: Preprocessing, seed: int, flip: bool, cache: ImageCache | None = None,
-                 rotation: float = 0.0, zoom: float = 0.0):
+                 rotation: float = 0.0, zoom: float = 0.0, crop_scale: tuple[float, float] = (0.08, 1.0)):
         self.records, self.prep, self.seed, self.flip, self.cache = records, prep, seed, flip, cache
-        self.rotation, self.zoom = rotation, zoom
-        self.max_pixels = training_pixels_cap(prep)
+        self.rotation, self.zoom, self.crop_scale = rotation, zoom, crop_scale
+        self.max_pixels = training_pixels_cap(prep, crop_scale[0])
 
     def __len__(self):
         return len(self.records)
@@ -262,7 +262,7 @@ class TrainImages(Dataset):
                 return None, int(self.records.labels[index]), (name, _reason(e, name))
             if self.cache is not None:
                 self.cache.put(index, pixels)
-        crop = random_crop_resize(pixels, self.prep, rng, self.flip, self.rotation, self.zoom)
+        crop = random_crop_resize(pixels, self.prep, rng, self.flip, self.rotation, self.zoom, self.crop_scale)
         return crop, int(self.records.labels[index]), None
 
 

@@ -258,7 +258,7 @@ def decode_for_training(img: Image.Image, max_pixels: int, name: str = "<image>"
 
 
 def random_crop_resize(pixels: np.ndarray, prep: Preprocessing, rng: np.random.Generator, flip: bool,
-                       rotation: float = 0.0, zoom: float = 0.0) -> np.ndarray:
+                       rotation: float = 0.0, zoom: float = 0.0, scale=(0.08, 1.0)) -> np.ndarray:
     """RandomResizedCrop (+ flip, rotation, zoom) of a uint8 HWC image -> uint8 HWC of the model's size.
 
     The resize is torch's antialiased bilinear on uint8, the filter of the guide's RandomResizedCrop.
@@ -267,7 +267,7 @@ def random_crop_resize(pixels: np.ndarray, prep: Preprocessing, rng: np.random.G
     on one core here, against 0.3 ms from the strided slice and 0.65 ms for Pillow.
     """
     h, w = pixels.shape[:2]
-    left, top, cw, ch = random_resized_crop_box(w, h, rng)
+    left, top, cw, ch = random_resized_crop_box(w, h, rng, scale)
     crop = torch.from_numpy(pixels[top : top + ch, left : left + cw]).permute(2, 0, 1).unsqueeze(0)
     out = torch.nn.functional.interpolate(crop.contiguous(memory_format=torch.channels_last),
                                           size=(prep.height, prep.width), mode="bilinear", antialias=True,

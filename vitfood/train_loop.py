@@ -7,6 +7,7 @@ evaluate -> keep the best model in Hugging Face format -> save a resumable check
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -46,7 +47,7 @@ class TrainingInterrupted(Exception):
 _RESUME_IRRELEVANT = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir",  # a moved folder is fine
                       "decode_cache", "report_to", "push_to_hub", "hub_model_id")  # same pixels, same steps
 _RESUME_MUST_MATCH = ("model", "dataset", "train_split", "eval_split", "max_train_samples", "max_eval_samples",
-                      "test_size", "seed", "batch_size", "grad_accum_steps", "flip", "rotation", "zoom")
+                      "test_size", "seed", "batch_size", "grad_accum_steps", "crop_scale", "flip", "rotation", "zoom")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -79,7 +80,8 @@ def train(cfg: TrainConfig) -> dict:
     num_labels = len(splits.label_names)
 
     pin = device.type == "cuda"
-    cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep), seed=cfg.seed) \
+    cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep, cfg.crop_scale[0]),
+                                             seed=cfg.seed) \
         if cfg.decode_cache != "off" else 0
     # Room kept for checkpoints (weights and two AdamW moments, a few of them) and the best model.
     reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -93,7 +95,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval), create=False) if use_cache else None
     train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
     train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache,
-                                                     cfg.rotation, cfg.zoom),
+                                                     cfg.rotation, cfg.zoom, cfg.crop_scale),
                                     train_sampler, prep, workers, pin, cfg.seed)
     eval_loader = data.make_loader(data.EvalImages(splits.eval, prep, eval_cache),
                                    data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
@@ -314,6 +316,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _check_resume(saved: dict, setup: dict, cfg: TrainConfig, say, ckpt: Path) -> None:
+    setup = json.loads(json.dumps(setup))  # as saved: tuples become lists
     differ = [f"{k}: {saved['setup'].get(k)!r} then, {v!r} now" for k, v in setup.items() if saved["setup"].get(k) != v]
     if differ:
         raise VitfoodError(f"cannot resume from {ckpt}: the run differs in " + "; ".join(differ))
