@@ -55,7 +55,9 @@ def main():
     guide = T.Compose([T.RandomResizedCrop(args.size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
     prep = Preprocessing(args.size, args.size)
     no_cache = TrainImages(records, prep, seed=0, flip=True)
-    cached = TrainImages(records, prep, seed=0, flip=True, cache=ImageCache(work / "decoded-images", len(records)))
+    cache = ImageCache(work / "decoded-images", len(records))
+    cache.create()
+    cached = TrainImages(records, prep, seed=0, flip=True, cache=cache)
     indices = range(len(records))
 
     ms = {"guide": [], "vitfood, cache off": [], "vitfood": []}

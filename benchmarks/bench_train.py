@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
+from common import ROOT, count_flops_per_image, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
 
-from vitfood.config import usable_cores
+from vitfood.distributed import usable_cores
 
 GUIDE = str(ROOT / "benchmarks" / "guide_trainer.py")
 
@@ -128,7 +128,8 @@ def compute_row(impl, precision, compile_, batch, checkpoint, device, steps, pea
 def compute(args, work: Path) -> list[dict]:
     import torch
 
-    from vitfood.model import ViTArch, count_flops_per_image, read_json
+    from vitfood.fileio import read_json
+    from vitfood.model import ViTArch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = make_vit_checkpoint(work / f"vit-{args.model_size}-cls", size=args.model_size, labels=101)

@@ -14,6 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def count_flops_per_image(arch, num_labels: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one image of a ViT (`vitfood.model.ViTArch`): the matmuls,
+    which are >99% of the work. The benchmarks' MFU figures divide by it."""
+    n, d, m = arch.num_patches + 1, arch.hidden_size, arch.intermediate_size
+    per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
+    patch = 2 * arch.num_patches * d * arch.num_channels * arch.patch_size**2
+    return arch.num_hidden_layers * per_block + patch + 2 * d * num_labels
+
+
 def photo_like(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """Natural-image statistics without a download: smooth colour fields, edges, texture and noise.
 
@@ -95,7 +104,7 @@ def versions() -> dict:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = "absent"
-    from vitfood.config import usable_cores
+    from vitfood.distributed import usable_cores
 
     out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({usable_cores()} cores)"
     return out

@@ -51,3 +51,13 @@ def test_bench_train_end_to_end_smoke(tmp_path):
 def test_bench_infer_cold_smoke(tmp_path):
     rows = bench("bench_infer.py", "cold", "--model-size", "tiny", "--repeats", 1, work=tmp_path)
     assert rows[0]["vitfood infer.py s"] > 0 and rows[0]["transformers.pipeline s"] > 0
+
+
+def test_vit_base_flops_match_the_published_figure():
+    # ViT-B/16 at 224: 17.6 GMAC forward = 35.2 GFLOP (the performance issue's figure).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import count_flops_per_image
+
+    from vitfood.model import ViTArch
+
+    assert count_flops_per_image(ViTArch(), 101) == pytest.approx(35.2e9, rel=0.01)

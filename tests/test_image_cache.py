@@ -22,6 +22,7 @@ def test_cached_crops_equal_decoded_crops(image_folder, tmp_path):
     records = scan_folder(image_folder)
     plain = TrainImages(records, PREP, seed=7, flip=True)
     cache = ImageCache(tmp_path / "cache", len(records))
+    cache.create()
     cached = TrainImages(records, PREP, seed=7, flip=True, cache=cache)
     for epoch in (0, 1, 2):  # epoch 0 fills the cache, the others read it
         for i in range(len(records)):
@@ -43,6 +44,7 @@ def test_a_worker_process_writes_what_the_main_process_reads(tmp_path):
     arrays = {i: rng.integers(0, 256, (int(rng.integers(1, 40)), int(rng.integers(1, 40)), 3), dtype=np.uint8)
               for i in (0, 3, 4)}
     cache = ImageCache(tmp_path / "c", 6)
+    cache.create()
     for method in ("fork", "spawn"):  # Linux's default, and the default on macOS/Windows (pickled state)
         proc = multiprocessing.get_context(method).Process(target=_fill, args=(cache, arrays))
         proc.start()
@@ -56,6 +58,7 @@ def test_a_worker_process_writes_what_the_main_process_reads(tmp_path):
             else:
                 assert got is None
         cache = ImageCache(tmp_path / "c", 6)  # starts empty again
+        cache.create()
         assert cache.get(0) is None
 
 
@@ -90,6 +93,7 @@ def test_a_full_disk_stops_the_cache_not_the_reads(tmp_path, capsys):
         pytest.skip("needs permission to mount a tmpfs (root)")
     try:
         cache = ImageCache(mnt / "c", 10)
+        cache.create()
         arrays = [np.full((64, 64, 3), i, dtype=np.uint8) for i in range(10)]  # 12 KB each: the 6th or so fills it
         for i, a in enumerate(arrays):
             cache.put(i, a)

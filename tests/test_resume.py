@@ -99,7 +99,7 @@ def test_resume_from_a_chosen_checkpoint(backbone_dir, folder, uninterrupted, tm
 def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(backbone_dir, folder, uninterrupted, tmp_path):
     out = tmp_path / "out"
     # A real process, really killed (SIGKILL, no clean-up) while it writes its 5th checkpoint's files (steps 1, 2, 3, 4 saved whole).
-    crash = ("import os, signal, sys; import vitfood.checkpoint as c; real = c.fsync_write; n = [0]\n"
+    crash = ("import os, signal, sys; import vitfood.fileio as c; real = c.fsync_write; n = [0]\n"
              "def write(path, data):\n"
              "    n[0] += 1\n"
              "    if n[0] == 4 * 4 + 2:\n"

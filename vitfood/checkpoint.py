@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 from pathlib import Path
 
-from vitfood.errors import VitfoodError
-from vitfood.model import SAFETENSORS_NAME, ViT, atomic_write_bytes, fsync_write, save_model  # noqa: F401 (re-exported)
+import torch
+from safetensors.torch import load_file, save
+
+from vitfood import fileio
+from vitfood.errors import VitfoodError, first_line
+from vitfood.fileio import atomic_write_bytes, fsync_dir, write_json
+from vitfood.model import SAFETENSORS_NAME, ViT, save_model
 
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
@@ -66,10 +72,6 @@ def _make_writable_dir(out_dir: Path) -> None:
             path.rmdir()
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
 def save_best(out_dir: Path, model: ViT, base_config: dict, preprocessor: dict, results: dict) -> None:
     """The model in Hugging Face format, then the results that describe it."""
     try:
@@ -101,14 +103,6 @@ STATE_FILE = "trainer_state.json"
 _CKPT_PREFIX = "step-"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(_CKPT_PREFIX):])
 
@@ -131,12 +125,6 @@ def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_s
     Tensors go to safetensors, the optimizer and RNG states to `torch.save` files made only of tensors
     and plain containers, so that `torch.load(weights_only=True)` reads them back.
     """
-    import io
-    import shutil
-
-    import torch
-    from safetensors.torch import save
-
     root = out_dir / CHECKPOINTS
     final = root / f"{_CKPT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -144,19 +132,19 @@ def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_s
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        fsync_write(tmp / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}))
+        fileio.fsync_write(tmp / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}))
         for name, obj in (("optimizer.pt", optimizer_state), ("rng_state.pt", rng_state)):
             buf = io.BytesIO()
             torch.save(obj, buf)
-            fsync_write(tmp / name, buf.getvalue())
-        fsync_write(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
-        _fsync_dir(tmp)
+            fileio.fsync_write(tmp / name, buf.getvalue())
+        fileio.fsync_write(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
+        fsync_dir(tmp)
         old = None
         if final.exists():  # the same step saved again (an epoch-end save after a --save-steps one)
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
@@ -169,8 +157,6 @@ def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_s
 
 def prune_checkpoints(out_dir: Path, keep: int, protect: set[int]) -> None:
     """Keep the `keep` newest checkpoints (0 = all); never remove the newest or a protected (best) one."""
-    import shutil
-
     if keep <= 0:
         return
     ckpts = list_checkpoints(out_dir)
@@ -195,9 +181,6 @@ def find_checkpoint(out_dir: Path, requested: str) -> Path:
 
 def load_training_state(path: Path) -> tuple[dict, dict, dict, dict]:
     """(model state, optimizer state, RNG state, trainer state). Pickled code is refused, not run."""
-    import torch
-    from safetensors.torch import load_file
-
     try:
         model_state = load_file(str(path / "model.safetensors"))
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -206,8 +189,7 @@ def load_training_state(path: Path) -> tuple[dict, dict, dict, dict]:
     except FileNotFoundError as e:
         raise VitfoodError(f"checkpoint {path}: incomplete ({Path(e.filename).name} is missing)") from None
     except Exception as e:  # weights_only refusals, corrupt files
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise VitfoodError(f"checkpoint {path}: refused to load ({type(e).__name__}: {first})") from None
+        raise VitfoodError(f"checkpoint {path}: refused to load ({first_line(e, 200)})") from None
     return model_state, optimizer_state, rng_state, state
 
 

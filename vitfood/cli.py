@@ -73,9 +73,7 @@ PROGRESS_MIN_IMAGES = 50  # and shows a progress bar above this many, when stder
 
 
 def infer_main(argv: list[str] | None = None) -> int:
-    from vitfood.config import TrainConfig  # not vitfood.inference: --help and flag errors need no torch
-
-    DEFAULT_MODEL_DIR = TrainConfig.output_dir  # what train.py writes by default
+    from vitfood.paths import DEFAULT_OUTPUT_DIR  # not vitfood.inference: --help and flag errors need no torch
 
     parser = argparse.ArgumentParser(
         description="Classify images with a model saved by train.py.",
@@ -85,7 +83,7 @@ def infer_main(argv: list[str] | None = None) -> int:
                "the others are still classified.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns or URLs")
-    parser.add_argument("--model", default=DEFAULT_MODEL_DIR, help="folder written by train.py, or a Hub model id")
+    parser.add_argument("--model", default=DEFAULT_OUTPUT_DIR, help="folder written by train.py, or a Hub model id")
     parser.add_argument("--top-k", type=int, default=5, help="labels shown per image")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "predictions"}')
@@ -94,7 +92,7 @@ def infer_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on a CUDA GPU that supports it, else fp32")
+                        help="auto: bf16 autocast on a CUDA GPU that supports it, fp16 on older GPUs, fp32 on the CPU")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="give up on a URL after this long (connecting, waiting for data, or downloading)")
     args = parser.parse_args(argv)
@@ -119,8 +117,8 @@ def _infer(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vitfood.distributed import resolve_device
-    from vitfood.inference import classify_stream, expand_inputs, load_classifier, resolve_precision
+    from vitfood.distributed import resolve_device, resolve_precision
+    from vitfood.inference import classify_stream, expand_inputs, load_classifier
 
     try:
         device = resolve_device(args.device)
@@ -139,7 +137,7 @@ def _infer(args: argparse.Namespace) -> int:
     classified = failed = 0
     try:
         for r in classify_stream(clf, inputs, top_k=args.top_k, batch_size=args.batch_size, timeout=args.timeout,
-                                 autocast_dtype=resolve_precision(args.precision, device)):
+                                 precision=resolve_precision(args.precision, device)):
             if r.error is not None:
                 failed += 1
                 if bar is not None:

@@ -9,38 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import get_type_hints
+
+from vitfood.errors import VitfoodError
+from vitfood.paths import DEFAULT_OUTPUT_DIR
 
 
 def _opt(default, help: str, group: str, **extra):
     return field(default=default, metadata={"help": help, "group": group, **extra})
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def resolve_num_workers(setting: int | None, device_type: str) -> int:
-    """--num-workers, or the default for the device.
-
-    On a GPU the training process needs little CPU: one DataLoader worker per core but one, at most 16
-    (the cores shared among the processes torchrun starts on this machine).
-    On the CPU the model's math threads need the cores: measured on 2 cores (tiny ViT, 512 px JPEGs),
-    decoding in the training process with 2 math threads beat 1 worker + 1 thread by 1.5x and 1 worker
-    + 2 threads by 1.15x, and with the decoded-image cache the decoding costs little after epoch 1.
-    """
-    if setting is not None:
-        return setting
-    if device_type != "cuda":
-        return 0
-    # Under torchrun the processes on this machine share its cores.
-    per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(16, per_process - 1))
 
 
 @dataclass
@@ -97,7 +74,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "optimisation")
 
     # ---- output
-    output_dir: str = _opt("vitfood-output", "where the best model, eval_results.json and metrics.jsonl go", "output")
+    output_dir: str = _opt(DEFAULT_OUTPUT_DIR, "where the best model, eval_results.json and metrics.jsonl go", "output")
     logging_steps: int = _opt(10, "a log line every N optimizer steps", "output")
     overwrite_output_dir: bool = _opt(False, "allow training into a folder that already holds a trained model", "output")
     report_to: str = _opt("none", "also log the metrics.jsonl scalars to TensorBoard (in --output-dir/runs; "
@@ -122,8 +99,6 @@ class TrainConfig:
         self.crop_scale = tuple(self.crop_scale)  # argparse and JSON give a list
 
     def validate(self) -> None:
-        from vitfood.errors import VitfoodError
-
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:

@@ -14,7 +14,6 @@ Design, driven by exact resumption and many processes:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitfood.errors import VitfoodError
 from vitfood.image_cache import ImageCache
+from vitfood.paths import extensions_text, images_under
 from vitfood.preprocess import (BadImageError, Preprocessing, decode_for_training, load_rgb, open_image,
                                  random_crop_resize, training_pixels_cap)
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 
 
 # ---------------------------------------------------------------- records: where the images are
@@ -100,14 +98,11 @@ def scan_folder(root: Path) -> FolderRecords:
         raise VitfoodError(f"{root}: no class subfolders (expected one folder per class holding its images)")
     paths, labels = [], []
     for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS:
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
+        found = images_under(root / cls)
+        paths += found
+        labels += [label] * len(found)
     if not paths:
-        raise VitfoodError(f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise VitfoodError(f"{root}: the class folders hold no image files ({extensions_text()})")
     return FolderRecords(paths, labels, classes)
 
 

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from vitfood import checkpoint, data, distributed, metrics, report
-from vitfood.config import TrainConfig, resolve_num_workers
+from vitfood.config import TrainConfig
+from vitfood.distributed import resolve_num_workers
 from vitfood.distributed import Dist, all_reduce_sum, autocast
 from vitfood.errors import VitfoodError
-from vitfood.model import load_model, resolve_model_dir
+from vitfood.hub import resolve_model_dir
+from vitfood.model import load_model
 from vitfood.preprocess import load_preprocessing
 
 

@@ -9,13 +9,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vitfood.errors import VitfoodError
+from vitfood.errors import VitfoodError, first_line
 
-_MODEL_FILES_REQUIRED = ("config.json",)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 HUB_HOST = "huggingface.co"
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local checkpoint folder as is; otherwise a Hub repository id, downloaded to the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise VitfoodError(f"model {name_or_path!r}: no such checkpoint folder")
+    return download_model(name_or_path)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -43,8 +52,7 @@ def _hub_error(kind: str, repo_id: str, e: BaseException | None, flag: str) -> V
     elif e is None:
         why = "no connection to the Hub (offline, or HF_HUB_OFFLINE is set) and it is not in the local cache"
     else:
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        why = f"{type(e).__name__}: {first}"
+        why = first_line(e, 120)
     # A bare name ("food", "vitfood-output") is as likely a local folder that is missing or mistyped.
     local = f"no folder {repo_id!r} here, and " if "/" not in repo_id else ""
     return VitfoodError(f"{local}cannot download {kind} {repo_id!r} from the Hugging Face Hub: {why}; "

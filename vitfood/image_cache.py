@@ -28,14 +28,11 @@ _ABSENT = -1
 
 
 class ImageCache:
-    def __init__(self, folder: Path, num_images: int, create: bool = True):
-        """The cache for `num_images` images, made empty now or by `create()` later (nothing is on disk
-        until then, so a run that fails in its setup leaves nothing). Create it in the main process,
-        before the DataLoader workers start."""
+    def __init__(self, folder: Path, num_images: int):
+        """The cache for `num_images` images; nothing is on disk until `create()` (so a run that fails
+        in its setup leaves nothing). Create it in the main process, before the DataLoader workers start."""
         self.folder, self.num_images = Path(folder), num_images
         self._open()
-        if create:
-            self.create()
 
     def create(self) -> None:
         if self.folder.exists():
@@ -101,9 +98,6 @@ class ImageCache:
         self.index[i, 1] = (h << 32) | w
         self.index[i, 2] = pid  # last: the entry is visible only once its pixels are in the file
         self._end += data.nbytes
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def estimate_bytes(records, max_pixels: int, sample: int = 32, seed: int = 0) -> int:

@@ -16,19 +16,19 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vitfood.config import TrainConfig, usable_cores
+from vitfood.distributed import autocast, usable_cores
 from vitfood.errors import VitfoodError
-from vitfood.model import ViT, load_model, resolve_model_dir
+from vitfood.hub import resolve_model_dir
+from vitfood.model import ViT, load_model
+from vitfood.paths import DEFAULT_OUTPUT_DIR as DEFAULT_MODEL_DIR
+from vitfood.paths import extensions_text, images_under, is_image_name
 from vitfood.preprocess import BadImageError, Preprocessing, load_preprocessing, load_rgb
-
-DEFAULT_MODEL_DIR = TrainConfig.output_dir  # what train.py writes by default
 
 
 @dataclass
@@ -47,10 +47,10 @@ class Classifier:
         return self.prep.eval_resize(load_rgb(image))
 
     @torch.no_grad()
-    def logits_of_pixels(self, pixels: np.ndarray, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """uint8 [N, H, W, 3] from `pixels` -> float32 logits [N, classes], optionally under autocast."""
+    def logits_of_pixels(self, pixels: np.ndarray, precision: str = "fp32") -> torch.Tensor:
+        """uint8 [N, H, W, 3] from `pixels` -> float32 logits [N, classes]; bf16/fp16 run under autocast."""
         x = self.prep.normalize(torch.from_numpy(pixels).to(self.device))
-        with torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+        with autocast(self.device, precision):
             return self.model(x).float()
 
 
@@ -106,35 +106,6 @@ def is_url(arg: str) -> bool:
     return bool(_URL.match(arg))
 
 
-def _image_extensions() -> set[str]:
-    from vitfood.data import IMAGE_EXTENSIONS  # torch.utils.data only: no torchvision, datasets or transformers
-
-    return IMAGE_EXTENSIONS
-
-
-def images_under(folder: str) -> list[str]:
-    """Image files in `folder` and below, as train.py finds them: sorted per folder, hidden names skipped.
-
-    Symbolic links are followed, each real folder visited once (a link loop ends).
-    """
-    exts = _image_extensions()
-    out: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:  # gone since it was listed
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [os.path.join(dirpath, f) for f in sorted(filenames)
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
-    return out
-
-
 class NoImagesError(VitfoodError):
     """A folder or glob argument that holds no image files."""
 
@@ -153,22 +124,21 @@ def expand_inputs(args: Iterable[str]) -> list[str | NoImagesError]:
     is taken as an image file (a missing one fails when it is read). A folder or glob without images
     becomes a NoImagesError in its place.
     """
-    exts = _image_extensions()
     out: list[str | NoImagesError] = []
     for arg in args:
         if is_url(arg):
             out.append(arg)
         elif os.path.isdir(arg):
             out += images_under(arg) or [NoImagesError(
-                arg, f"{arg}: no image files in this folder or below ({', '.join(sorted(exts))})")]
+                arg, f"{arg}: no image files in this folder or below ({extensions_text()})")]
         elif _GLOB_MAGIC.search(arg) and not os.path.lexists(arg):
             found: dict[str, None] = {}  # ordered set: `**` can reach a file twice (itself, and via its folder)
             for m in sorted(glob.glob(arg, recursive=True)):
                 if os.path.isdir(m):
                     found.update(dict.fromkeys(images_under(m)))
-                elif os.path.splitext(m)[1].lower() in exts:
+                elif is_image_name(m):
                     found[m] = None
-            out += list(found) or [NoImagesError(arg, f"{arg}: matches no image files ({', '.join(sorted(exts))})")]
+            out += list(found) or [NoImagesError(arg, f"{arg}: matches no image files ({extensions_text()})")]
         else:
             out.append(arg)
     return out
@@ -233,13 +203,6 @@ def decode_source(clf: Classifier, source: str, timeout: float) -> np.ndarray:
         raise BadImageError(f"{source}: cannot decode ({type(e).__name__}: {e})") from None
 
 
-def resolve_precision(flag: str, device: torch.device) -> torch.dtype | None:
-    """--precision -> the autocast dtype, or None for fp32. auto: bf16 on a CUDA GPU that has it, else fp32."""
-    if flag == "auto":
-        flag = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if flag == "bf16" else None
-
-
 @dataclass
 class Result:
     """One line of infer.py's output: an image and its top-k predictions, or why it has none."""
@@ -284,7 +247,7 @@ class _DecodePool:
 
 
 def classify_stream(clf: Classifier, inputs: list[str | NoImagesError], top_k: int = 5, batch_size: int = 32,
-                    timeout: float = 30.0, autocast_dtype: torch.dtype | None = None,
+                    timeout: float = 30.0, precision: str = "fp32",
                     threads: int | None = None) -> Iterator[Result]:
     """Classify `expand_inputs`' list in batches -> one Result per entry, in order.
 
@@ -316,7 +279,7 @@ def classify_stream(clf: Classifier, inputs: list[str | NoImagesError], top_k: i
                 except BadImageError as e:
                     results.append(Result(entry, error=e))
             if pixels:
-                logits = clf.logits_of_pixels(np.stack(pixels), autocast_dtype)
+                logits = clf.logits_of_pixels(np.stack(pixels), precision)
                 for i, preds in zip(good, topk_predictions(logits, clf.labels, top_k)):
                     results[i].predictions = preds
             yield from results

@@ -12,7 +12,6 @@ This module imports neither transformers nor torchvision: `infer.py` starts fast
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitfood.errors import VitfoodError
+from vitfood.errors import VitfoodError, first_line
+from vitfood.fileio import atomic_write_bytes, json_bytes, read_json
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -241,19 +241,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], arch: ViTArch, source: str) 
     return ours, has_head  # type: ignore[return-value]
 
 
-# ---------------------------------------------------------------- files
-
-def resolve_model_dir(name_or_path: str, files: tuple[str, ...] = (CONFIG_NAME, PREPROCESSOR_NAME)) -> Path:
-    """A local checkpoint folder as is; otherwise a Hub repository id, downloaded to the HF cache."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise VitfoodError(f"model {name_or_path!r}: no such checkpoint folder")
-    from vitfood.hub import download_model  # imported here: huggingface_hub is slow to import
-
-    return download_model(name_or_path)
-
+# ---------------------------------------------------------------- Hugging Face files
 
 def load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """Read `model.safetensors`, else `pytorch_model.bin` without unpickling arbitrary objects."""
@@ -270,23 +258,10 @@ def load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses pickled code; also covers corrupt files
-            raise VitfoodError(f"{bin_path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise VitfoodError(f"{bin_path}: refused to load ({first_line(e, 200)})") from None
     if any(model_dir.glob("*.index.json")):
         raise VitfoodError(f"{model_dir}: sharded checkpoints are not supported (ViT-B/L fit in one file)")
     raise VitfoodError(f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_BIN_NAME}")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise VitfoodError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VitfoodError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise VitfoodError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_model(model_dir: Path, labels: list[str] | None = None, seed: int = 0) -> tuple[ViT, dict]:
@@ -338,29 +313,6 @@ def hf_config_for(model: ViT, base_config: dict) -> dict:
     return cfg
 
 
-def count_flops_per_image(arch: ViTArch, num_labels: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of one image: the matmuls, which are >99% of the work."""
-    n, d, m = arch.num_patches + 1, arch.hidden_size, arch.intermediate_size
-    per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d
-    patch = 2 * arch.num_patches * d * arch.num_channels * arch.patch_size**2
-    return arch.num_hidden_layers * per_block + patch + 2 * d * num_labels
-
-
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write and fsync: the bytes are on the disk, not only in the page cache, when this returns."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fsync_write(tmp, data)
-    os.replace(tmp, path)
-
-
 def save_model(model: ViT, out_dir: Path, base_config: dict, preprocessor: dict) -> None:
     """Write the model in Hugging Face format: config.json, model.safetensors, preprocessor_config.json."""
     from safetensors.torch import save
@@ -369,6 +321,6 @@ def save_model(model: ViT, out_dir: Path, base_config: dict, preprocessor: dict)
     weights = {k: v.to("cpu") for k, v in to_hf_state_dict(model).items()}
     # Weights first, config last: a config.json naming new labels never sits beside old weights.
     atomic_write_bytes(out_dir / SAFETENSORS_NAME, save(weights, metadata={"format": "pt"}))
-    atomic_write_bytes(out_dir / PREPROCESSOR_NAME, (json.dumps(preprocessor, indent=2) + "\n").encode())
-    atomic_write_bytes(out_dir / CONFIG_NAME, (json.dumps(hf_config_for(model, base_config), indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / PREPROCESSOR_NAME, json_bytes(preprocessor))
+    atomic_write_bytes(out_dir / CONFIG_NAME, json_bytes(hf_config_for(model, base_config)))
 

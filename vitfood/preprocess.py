@@ -298,7 +298,8 @@ def rotate_zoom(hwc: torch.Tensor, degrees: float, scale: float) -> torch.Tensor
 
 def load_preprocessing(model_dir: Path, image_size: int) -> Preprocessing:
     """The checkpoint's preprocessor_config.json; without one, the ViT defaults at its image size."""
-    from vitfood.model import PREPROCESSOR_NAME, read_json
+    from vitfood.fileio import read_json
+    from vitfood.model import PREPROCESSOR_NAME
 
     path = Path(model_dir) / PREPROCESSOR_NAME
     prep = Preprocessing.from_hf_dict(read_json(path), str(path)) if path.is_file() else Preprocessing(image_size, image_size)

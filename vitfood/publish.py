@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vitfood import hub
 from vitfood.checkpoint import CHECKPOINTS, EVAL_RESULTS, METRICS
-from vitfood.errors import VitfoodError
+from vitfood.errors import VitfoodError, first_line
 from vitfood.model import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
 from vitfood.report import CONFUSION_JSON, CONFUSION_PNG, MODEL_CARD, RUN_JSON, TENSORBOARD_DIR, TRAINING_CURVES
 
@@ -25,10 +25,6 @@ ALLOW_PATTERNS = [SAFETENSORS_NAME, CONFIG_NAME, PREPROCESSOR_NAME, MODEL_CARD, 
 IGNORE_PATTERNS = [f"{CHECKPOINTS}/*", ".*", "*/.*", "*.tmp*", "__pycache__/*"]
 
 _LOGIN = "log in with `hf auth login`, or set HF_TOKEN to a token with write access"
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
 
 
 def check_push(repo_id: str | None, token: str | None, output_dir: str | Path | None = None) -> str:
@@ -61,7 +57,7 @@ def check_push(repo_id: str | None, token: str | None, output_dir: str | Path | 
         me = hf.whoami(token=token)
     except Exception as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        why = "the token is invalid or expired" if status == 401 else f"cannot check the token ({_first_line(e)})"
+        why = "the token is invalid or expired" if status == 401 else f"cannot check the token ({first_line(e)})"
         raise VitfoodError(f"--push-to-hub: {why}; {_LOGIN}; training did not start") from None
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
@@ -104,6 +100,6 @@ def push_output_dir(out_dir: str | Path, repo_id: str, token: str | None,
         hf.upload_folder(repo_id=repo_id, folder_path=str(out_dir), repo_type="model", token=token,
                          commit_message=commit_message, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
     except Exception as e:
-        raise VitfoodError(f"cannot push {out_dir} to the Hub repository {repo_id} ({_first_line(e)}); "
+        raise VitfoodError(f"cannot push {out_dir} to the Hub repository {repo_id} ({first_line(e)}); "
                            f"the trained model is intact in {out_dir}") from None
     return str(url)

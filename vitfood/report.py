@@ -18,8 +18,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vitfood.checkpoint import METRICS, atomic_write_bytes
-from vitfood.errors import VitfoodError
+from vitfood.checkpoint import METRICS
+from vitfood.errors import VitfoodError, first_line
+from vitfood.fileio import atomic_write_bytes
 
 TRAINING_CURVES = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -409,7 +410,7 @@ def device_description(device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} {torch.cuda.get_device_name(index)}"
     if device.type == "cpu":
-        from vitfood.config import usable_cores
+        from vitfood.distributed import usable_cores
 
         return f"cpu ({usable_cores()} cores)"
     return str(device)
@@ -448,8 +449,7 @@ def summary_writer_class():
         raise VitfoodError("--report-to tensorboard needs the tensorboard package: "
                            "pip install 'vitfood[tensorboard]'") from None
     except Exception as e:  # e.g. a protobuf that this tensorboard does not accept
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise VitfoodError(f"--report-to tensorboard: cannot load tensorboard ({type(e).__name__}: {first})") from None
+        raise VitfoodError(f"--report-to tensorboard: cannot load tensorboard ({first_line(e)})") from None
     return SummaryWriter
 
 

@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitfood import checkpoint, data, distributed, image_cache, publish, report
-from vitfood.config import TrainConfig, resolve_num_workers, usable_cores
+from vitfood.config import TrainConfig
+from vitfood.distributed import resolve_num_workers, usable_cores
 from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier
 from vitfood.evaluation import evaluate
 from vitfood.errors import VitfoodError
-from vitfood.model import load_model, resolve_model_dir
+from vitfood.hub import resolve_model_dir
+from vitfood.model import load_model
 from vitfood.optim import build_optimizer, lr_at, warmup_steps_for
 from vitfood.preprocess import load_preprocessing, training_pixels_cap
 
@@ -91,8 +93,8 @@ def train(cfg: TrainConfig) -> dict:
                     eval_images=len(splits.eval))  # the images actually used, whatever --max-*-samples said
     cache_dir = out_dir / "decoded-images" / f"rank-{d.rank}"
     # Made on disk just before the loop, with the loop's cleanup: a failed setup leaves no cache behind.
-    train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train), create=False) if use_cache else None
-    eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval), create=False) if use_cache else None
+    train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train)) if use_cache else None
+    eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval)) if use_cache else None
     train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
     train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache,
                                                      cfg.rotation, cfg.zoom, cfg.crop_scale),
