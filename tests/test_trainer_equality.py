@@ -10,14 +10,14 @@ normalisation over the accumulation window, clipping, AdamW, the warmup/decay sc
 Conventions of transformers 5.x's Trainer, aligned here on purpose:
 - `learning_rate` in `log_history` is read after `optimizer.step()` and before `lr_scheduler.step()`
   (`_inner_training_loop`, "get leaning rate before update"): the rate the step used, which is what
-  vitfood logs too, so step k is compared with step k, no offset. (transformers 4.x logged after the
-  scheduler step, i.e. the next step's rate; that version would need a shift of one.)
+  vitfood logs too, so step k is compared with step k, no offset. (Older releases read it after the
+  scheduler step, i.e. the next step's rate; against them the comparison would need a shift of one.)
 - ViTForImageClassification's forward takes `**kwargs`, so the Trainer counts the labels of the whole
   accumulation window (`num_items_in_batch`, 64 here), each micro-batch's loss is sum(CE) / 64 and is
   not divided again by the accumulation steps; the logged loss is the sum of the four, divided by the
   optimizer steps since the last log (1 with logging_steps=1): the mean CE over the window's 64 images.
   vitfood sums the CE of the window and divides by the images seen: the same quantity, and gradients
-  that are the same mean.
+  that are the same mean. (average_tokens_across_devices only rescales across processes; here there is one.)
 - `warmup_ratio` is gone from 5.x's TrainingArguments; a float `warmup_steps` below 1 is a ratio and
   becomes ceil(ratio x total steps), vitfood's rule (`optim.warmup_steps_for`).
 - Both logs' `grad_norm` is the total norm before clipping (what `clip_grad_norm_` returns).
@@ -89,7 +89,8 @@ class ProcessedImages(torch.utils.data.Dataset):
         self.items = []
         for label, cls in enumerate(LABELS):
             for path in sorted((folder / cls).glob("*.png")):
-                pixels = processor(Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+                with Image.open(path) as img:
+                    pixels = processor(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
                 self.items.append({"pixel_values": pixels, "labels": label})
 
     def __len__(self):
@@ -99,7 +100,8 @@ class ProcessedImages(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def run_trainer(setup: dict, name: str, settings: dict, trainer_class=None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def run_trainer(setup: dict, name: str, settings: dict,
+                trainer_class=None) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """(the Trainer's per-step log records, its final weights)."""
     from transformers import Trainer, TrainingArguments, ViTForImageClassification, ViTImageProcessor
 
@@ -170,10 +172,12 @@ def test_training_pixels_are_the_image_processors(setup):
 
 
 def test_a_vitfood_run_is_the_trainers_run_step_by_step(setup):
-    start = start_weights(setup)
-    # Same starting point, bit for bit: vitfood's fused-QKV model and transformers' read the same tensors.
+    """5 epochs = 5 optimizer steps with warmup, decay and clipping: each step's loss, learning rate and
+    gradient norm, and the last step's weights, are the Trainer's."""
     from transformers import ViTForImageClassification
 
+    start = start_weights(setup)
+    # Same starting point, bit for bit: vitfood's fused-QKV model and transformers' read the same tensors.
     hf_start = file_weights(ViTForImageClassification.from_pretrained(setup["ckpt"]), setup["root"] / "hf-start")
     assert set(start) == set(hf_start) and all(torch.equal(start[k], hf_start[k]) for k in start)
 
@@ -217,7 +221,9 @@ def test_weight_decay_spares_position_and_cls_embeddings_unlike_the_trainer(setu
 
     class TimmDecayTrainer(Trainer):
         def get_decay_parameter_names(self, model):
-            return [n for n in super().get_decay_parameter_names(model) if n not in POSITION_AND_CLS]
+            names = super().get_decay_parameter_names(model)
+            assert set(POSITION_AND_CLS) <= set(names)  # else this filter would be a silent no-op
+            return [n for n in names if n not in POSITION_AND_CLS]
 
     # wd 1 rather than the usual 0.1: lr x wd = 1e-3 makes the decay of these O(0.02) embeddings (up to
     # ~6e-5) stand hundreds of times above DECAY_ATOL, with the main run's lr (see WEIGHT_ATOL).
