@@ -60,13 +60,15 @@ def draw_image(cls: str, rng: np.random.Generator, size: tuple[int, int]) -> Ima
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
 
 
-def make_image_folder(root: Path, per_class: int, seed: int = 0, classes=CLASSES) -> Path:
-    """JPEGs and PNGs of varied sizes, one subfolder per class."""
+def make_image_folder(root: Path, per_class: int, seed: int = 0, classes=CLASSES,
+                      size: tuple[int, int] | None = None) -> Path:
+    """JPEGs and PNGs of varied sizes (or all of `size`), one subfolder per class."""
     rng = np.random.default_rng(seed)
+    fixed = size
     for cls in classes:
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            size = (int(rng.integers(36, 80)), int(rng.integers(36, 80)))
+            size = fixed or (int(rng.integers(36, 80)), int(rng.integers(36, 80)))
             img = draw_image(cls, rng, size)
             if i % 4 == 3:
                 img.save(root / cls / f"{i:04d}.png")

@@ -30,7 +30,7 @@ def folder(tmp_path_factory):
 def common(backbone_dir, folder, out):
     return ["--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--epochs", 2, "--test-size", 0.25,
             "--grad-accum-steps", 2, "--learning-rate", 1e-3, "--num-workers", 0, "--logging-steps", 1,
-            "--save-steps", 1]
+            "--save-steps", 1, "--save-total-limit", 0]  # resume tests pick older checkpoints
 
 
 def test_two_processes_of_batch_b_equal_one_of_batch_2b(backbone_dir, folder, tmp_path):

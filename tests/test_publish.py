@@ -11,8 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vitfood import checkpoint, hub, publish, report
+from helpers import make_checkpoint
+
+from vitfood import checkpoint, hub, model_card, publish, report
+from vitfood.fileio import write_json
 from vitfood.errors import VitfoodError
+from vitfood.model import load_model
 
 UPLOADED = ["README.md", "config.json", "confusion_matrix.json", "confusion_matrix.png", "eval_results.json",
             "metrics.jsonl", "model.safetensors", "preprocessor_config.json", "run.json",
@@ -25,21 +29,23 @@ def output_folder(tmp_path) -> Path:
     out = tmp_path / "vitfood-output"
     out.mkdir()
     save_file({"w": torch.zeros(4, 4)}, str(out / "model.safetensors"))
-    checkpoint.write_json(out / "config.json", {"model_type": "vit", "id2label": {"0": "a", "1": "b"}})
-    checkpoint.write_json(out / "preprocessor_config.json", {"image_mean": [0.5] * 3})
-    checkpoint.write_json(out / "eval_results.json", {"eval_accuracy": 0.9})
-    checkpoint.write_json(out / "run.json", {"config": {}})
+    write_json(out / "config.json", {"model_type": "vit", "id2label": {"0": "a", "1": "b"}})
+    write_json(out / "preprocessor_config.json", {"image_mean": [0.5] * 3})
+    write_json(out / "eval_results.json", {"eval_accuracy": 0.9})
+    write_json(out / "run.json", {"config": {}})
     (out / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 1.0}\n')
-    (out / "README.md").write_text(report.model_card({}, {"eval_accuracy": 0.9}, ["a", "b"], "google/vit", "ethz/food101"))
+    (out / "README.md").write_text(model_card.model_card({}, {"eval_accuracy": 0.9}, ["a", "b"], "google/vit", "ethz/food101"))
     report.save_confusion(out / "confusion_matrix.json", [[3, 1], [0, 4]], ["a", "b"])
     for png in ("training_curves.png", "confusion_matrix.png"):
         (out / png).write_bytes(b"\x89PNG\r\n\x1a\n")
     (out / "runs").mkdir()
     (out / "runs" / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"events")
     (out / "bad_images.txt").write_text("/home/me/photos/broken.jpg\tcannot decode\n")  # local paths: stays home
+    model, base_config = load_model(make_checkpoint(tmp_path / "base"), labels=["a", "b"])
     for step in (10, 20):  # real resumable checkpoints, as the loop saves them
-        checkpoint.save_training_state(out, step, {"w": torch.zeros(4, 4)}, {"state": {}, "param_groups": []},
-                                       {"torch": torch.get_rng_state()}, {"run": {"step": step}}, keep=0, protect=set())
+        checkpoint.save_training_state(out, step, model, base_config, {"image_mean": [0.5] * 3},
+                                       {"state": {}, "param_groups": []}, {"torch": torch.get_rng_state()},
+                                       {"run": {"step": step}}, keep=0)
     (out / "checkpoints" / ".tmp-step-00000030-77").mkdir()  # a checkpoint save cut short
     (out / "checkpoints" / ".tmp-step-00000030-77" / "model.safetensors").write_bytes(b"partial")
     (out / ".model.safetensors.tmp4242").write_bytes(b"partial")  # an atomic write cut short

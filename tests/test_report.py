@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitfood import report
-from vitfood.checkpoint import METRICS, write_json
+from vitfood import logs, model_card, report, run_record
+from vitfood.checkpoint import METRICS
+from vitfood.fileio import write_json
 from vitfood.errors import VitfoodError
 
 NO_MPL = "vitfood: matplotlib is not installed (pip install 'vitfood[plots]'); skipped"
@@ -219,7 +220,7 @@ def test_model_card_hub_ids(tmp_path):
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
     labels = [f"dish_{i:03d}" for i in range(101)]
-    card = report.model_card(CONFIG, results_for(labels), labels, CONFIG["model"], CONFIG["dataset"],
+    card = model_card.model_card(CONFIG, results_for(labels), labels, CONFIG["model"], CONFIG["dataset"],
                              repo_id="alice/vit-food", files=["training_curves.png"])
     (tmp_path / "README.md").write_text(card)
     meta = metadata_load(tmp_path / "README.md")  # the Hub client's own parser
@@ -253,7 +254,7 @@ def test_model_card_local_paths(tmp_path):
     data.mkdir()
     base.mkdir()
     config = {**CONFIG, "dataset": str(data), "model": str(base), "output_dir": str(tmp_path / "food: run #1")}
-    card = report.model_card(config, results_for(["a", "b", "c"]), ["a", "b", "c"], str(base), str(data))
+    card = model_card.model_card(config, results_for(["a", "b", "c"]), ["a", "b", "c"], str(base), str(data))
     meta = front_matter(card)
     assert "datasets" not in meta and "base_model" not in meta
     assert str(tmp_path) not in card.split("## Usage")[0]  # nothing of the local disk in metadata and tables
@@ -264,14 +265,14 @@ def test_model_card_local_paths(tmp_path):
                                               "split": "train, 20% held out (seed 42)"}
     ModelCard(card)  # the Hub client accepts it
 
-    no_eval = report.model_card(config, {}, ["a", "b"], str(base), str(data))
+    no_eval = model_card.model_card(config, {}, ["a", "b"], str(base), str(data))
     assert "model-index" not in front_matter(no_eval)
 
 
 def test_is_hub_id(tmp_path):
-    assert report.is_hub_id("ethz/food101") and report.is_hub_id("food101")
+    assert model_card.is_hub_id("ethz/food101") and model_card.is_hub_id("food101")
     for path in (str(tmp_path), "./data", "/data/food", "~/food", "a/b/c", ""):
-        assert not report.is_hub_id(path), path
+        assert not model_card.is_hub_id(path), path
 
 
 # ---------------------------------------------------------------- run.json
@@ -280,26 +281,26 @@ def test_is_hub_id(tmp_path):
 def test_run_record_round_trip(tmp_path):
     heavy_before = {m for m in ("datasets", "transformers", "tensorboard") if m in sys.modules}
     started = datetime(2025, 3, 1, 12, 0, 0).timestamp()
-    record = report.run_record(CONFIG, started, started + 3723.4, "cpu (2 cores)")
-    write_json(tmp_path / report.RUN_JSON, record)
-    run = json.loads((tmp_path / report.RUN_JSON).read_text())
+    record = run_record.run_record(CONFIG, started, started + 3723.4, "cpu (2 cores)")
+    write_json(tmp_path / run_record.RUN_JSON, record)
+    run = json.loads((tmp_path / run_record.RUN_JSON).read_text())
     assert run["config"] == CONFIG and run["command"] == sys.argv and run["device"] == "cpu (2 cores)"
     start, end = datetime.fromisoformat(run["started"]), datetime.fromisoformat(run["ended"])
     assert start.utcoffset() == timedelta(0) and start.timestamp() == started
     assert end - start == timedelta(seconds=3723) and run["duration_s"] == 3723.4
     versions = run["versions"]
-    assert set(report._VERSIONED) | {"python"} <= set(versions)
+    assert set(run_record._VERSIONED) | {"python"} <= set(versions)
     assert versions["torch"] == version("torch") and versions["Pillow"] == version("pillow")
     assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
     assert run["platform"]
     # versions come from metadata: reading them imports nothing heavy
     assert {m for m in ("datasets", "transformers", "tensorboard") if m in sys.modules} == heavy_before
-    assert report.run_record(CONFIG, started, None, "cpu")["ended"] is None
+    assert run_record.run_record(CONFIG, started, None, "cpu")["ended"] is None
 
 
 def test_versions_of_missing_packages(monkeypatch):
-    monkeypatch.setattr(report, "_VERSIONED", ("torch", "no-such-package-vitfood"))
-    assert report.package_versions()["no-such-package-vitfood"] is None
+    monkeypatch.setattr(run_record, "_VERSIONED", ("torch", "no-such-package-vitfood"))
+    assert run_record.package_versions()["no-such-package-vitfood"] is None
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -316,19 +317,19 @@ def test_git_state(tmp_path):
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "first")
     head = _git(repo, "rev-parse", "HEAD")
-    assert report.git_state(pkg) == {"commit": head, "dirty": False}
+    assert run_record.git_state(pkg) == {"commit": head, "dirty": False}
     (pkg / "notes.txt").write_text("untracked files do not make it dirty")
-    assert report.git_state(pkg)["dirty"] is False
+    assert run_record.git_state(pkg)["dirty"] is False
     (pkg / "__init__.py").write_text("x = 2\n")
-    assert report.git_state(pkg) == {"commit": head, "dirty": True}
+    assert run_record.git_state(pkg) == {"commit": head, "dirty": True}
 
     copy = repo / "venv" / "site-packages" / "vitfood"  # an installed copy inside someone's repository
     copy.mkdir(parents=True)
     (copy / "__init__.py").write_text("")
-    assert report.git_state(copy) is None
+    assert run_record.git_state(copy) is None
     outside = tmp_path / "plain"
     outside.mkdir()
-    assert report.git_state(outside) is None
+    assert run_record.git_state(outside) is None
 
 
 def test_git_state_without_git(monkeypatch):
@@ -336,17 +337,17 @@ def test_git_state_without_git(monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    assert report.git_state() is None
+    assert run_record.git_state() is None
 
     def slow_git(*args, **kwargs):
         raise subprocess.TimeoutExpired("git", 5)
 
     monkeypatch.setattr(subprocess, "run", slow_git)
-    assert report.run_record({}, 0.0, None, "cpu")["git"] is None
+    assert run_record.run_record({}, 0.0, None, "cpu")["git"] is None
 
 
 def test_device_description_cpu():
-    assert re.fullmatch(r"cpu \(\d+ cores\)", report.device_description("cpu"))
+    assert re.fullmatch(r"cpu \(\d+ cores\)", run_record.device_description("cpu"))
 
 
 # ---------------------------------------------------------------- TensorBoard
@@ -363,11 +364,11 @@ def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
     pytest.importorskip("tensorboard")
     train, evals = report.read_metrics(write_metrics(tmp_path, steps=20))
-    tb = report.TensorBoardLog(tmp_path)
+    tb = logs.TensorBoardLog(tmp_path)
     for record in sorted(train + evals, key=lambda r: (r["step"], r["type"] == "eval")):
         tb.write(record)
     tb.close()
-    scalars = read_scalars(tmp_path / report.TENSORBOARD_DIR)
+    scalars = read_scalars(tmp_path / logs.TENSORBOARD_DIR)
     assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/images_per_s", "train/epoch",
             "eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/samples", "eval/images_per_s",
             "eval/epoch"} == set(scalars)
@@ -379,15 +380,15 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
 
 def test_tensorboard_resume_hides_the_killed_runs_tail(tmp_path):
     pytest.importorskip("tensorboard")
-    tb = report.TensorBoardLog(tmp_path)
+    tb = logs.TensorBoardLog(tmp_path)
     for step in range(1, 9):  # killed after step 8; its last checkpoint was at step 5
         tb.write({"type": "train", "step": step, "loss": 1.0})
     tb.close()
-    tb = report.TensorBoardLog(tmp_path, resume_step=5)
+    tb = logs.TensorBoardLog(tmp_path, resume_step=5)
     for step in range(6, 11):
         tb.write({"type": "train", "step": step, "loss": 2.0})
     tb.close()
-    loss = read_scalars(tmp_path / report.TENSORBOARD_DIR)["train/loss"]
+    loss = read_scalars(tmp_path / logs.TENSORBOARD_DIR)["train/loss"]
     assert loss == {**{s: 1.0 for s in range(1, 6)}, **{s: 2.0 for s in range(6, 11)}}
 
 
@@ -396,7 +397,7 @@ def test_tensorboard_missing_is_one_line_error(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(VitfoodError) as e:
-        report.TensorBoardLog(tmp_path)
+        logs.TensorBoardLog(tmp_path)
     assert str(e.value) == ("--report-to tensorboard needs the tensorboard package: "
                             "pip install 'vitfood[tensorboard]'")
-    assert not (tmp_path / report.TENSORBOARD_DIR).exists()
+    assert not (tmp_path / logs.TENSORBOARD_DIR).exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from vitfood.metrics import summarize, topk_correct, update_confusion
+from vitfood.evaluation import summarize, topk_correct, update_confusion
 from vitfood.optim import lr_at, warmup_steps_for
 
 

@@ -97,7 +97,7 @@ def test_output_folder_is_checked_before_training(backbone_dir, image_folder, tm
 
 def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(backbone_dir, image_folder, tmp_path):
     out = tmp_path / "out"
-    train(config(backbone_dir, image_folder, out, epochs=2, save_steps=1))
+    train(config(backbone_dir, image_folder, out, epochs=2, save_steps=1, save_total_limit=0))  # keep all
     old = {p.name for p in (out / "checkpoints").iterdir()}
     (out / "model.safetensors").unlink()  # as if the earlier run had stopped before its first evaluation
     with pytest.raises(VitfoodError, match="holds checkpoints of an earlier run; continue it with --resume"):

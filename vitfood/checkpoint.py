@@ -10,12 +10,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from vitfood import fileio
 from vitfood.errors import VitfoodError, first_line
-from vitfood.fileio import atomic_write_bytes, fsync_dir, write_json
-from vitfood.model import SAFETENSORS_NAME, ViT, save_model
+from vitfood.fileio import fsync_dir, json_bytes, read_json, write_json
+from vitfood.model import (CONFIG_NAME, SAFETENSORS_NAME, ViT, ViTArch, from_hf_classifier_state_dict, hf_files,
+                           save_model)
 
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
@@ -82,24 +83,12 @@ def save_best(out_dir: Path, model: ViT, base_config: dict, preprocessor: dict, 
                            "(the previously saved files are intact)") from None
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed at once so a killed run keeps its history."""
-
-    def __init__(self, path: Path, append: bool = False):
-        self.file = open(path, "a" if append else "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 # ---------------------------------------------------------------- training state, for exact resumption
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
 _CKPT_PREFIX = "step-"
 
 
@@ -116,14 +105,16 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_state: dict, rng_state: dict,
-                        state: dict, keep: int, protect: set[int]) -> Path:
+def save_training_state(out_dir: Path, step: int, model: ViT, base_config: dict, preprocessor: dict,
+                        optimizer_state: dict, rng_state: dict, state: dict, keep: int) -> Path:
     """Everything needed to continue the run exactly, written whole or not at all.
 
+    The folder is also a complete Hugging Face model (the same files as the best model at the top of
+    the output folder), so any step can be evaluated, served or shared without first being converted.
     Files go into a temporary folder, each fsynced, and the folder is renamed to `step-N` last: a crash
     at any moment leaves either the complete new checkpoint or none, and the older ones untouched.
-    Tensors go to safetensors, the optimizer and RNG states to `torch.save` files made only of tensors
-    and plain containers, so that `torch.load(weights_only=True)` reads them back.
+    The optimizer and RNG states go to `torch.save` files made only of tensors and plain containers,
+    so that `torch.load(weights_only=True)` reads them back.
     """
     root = out_dir / CHECKPOINTS
     final = root / f"{_CKPT_PREFIX}{step:08d}"
@@ -132,12 +123,13 @@ def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_s
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        fileio.fsync_write(tmp / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}))
-        for name, obj in (("optimizer.pt", optimizer_state), ("rng_state.pt", rng_state)):
+        for name, data in hf_files(model, base_config, preprocessor).items():
+            fileio.fsync_write(tmp / name, data)
+        for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
             buf = io.BytesIO()
             torch.save(obj, buf)
             fileio.fsync_write(tmp / name, buf.getvalue())
-        fileio.fsync_write(tmp / STATE_FILE, (json.dumps(state, indent=1) + "\n").encode())
+        fileio.fsync_write(tmp / STATE_FILE, json_bytes(state, indent=1))
         fsync_dir(tmp)
         old = None
         if final.exists():  # the same step saved again (an epoch-end save after a --save-steps one)
@@ -151,18 +143,21 @@ def save_training_state(out_dir: Path, step: int, model_state: dict, optimizer_s
         shutil.rmtree(tmp, ignore_errors=True)
         raise VitfoodError(f"cannot save a checkpoint to {root}: {e.strerror or e} "
                            "(the previous checkpoints are intact)") from None
-    prune_checkpoints(out_dir, keep, protect | {step})
+    prune_checkpoints(out_dir, keep, step)
     return final
 
 
-def prune_checkpoints(out_dir: Path, keep: int, protect: set[int]) -> None:
-    """Keep the `keep` newest checkpoints (0 = all); never remove the newest or a protected (best) one."""
+def prune_checkpoints(out_dir: Path, keep: int, saved_step: int) -> None:
+    """After saving `saved_step`, keep it and the `keep - 1` newest before it (keep 0 = all).
+
+    The best model needs no checkpoint of its own: it is already saved at the top of the output folder.
+    Checkpoints past `saved_step` (a run resumed from an earlier one) are left alone: the run replaces
+    each as it reaches that step, and until then they are not this run's to remove.
+    """
     if keep <= 0:
         return
-    ckpts = list_checkpoints(out_dir)
-    removable = [p for p in ckpts[:-1] if checkpoint_step(p) not in protect]
-    excess = len(ckpts) - keep
-    for p in removable[:max(0, excess)]:
+    older = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) < saved_step]
+    for p in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -180,23 +175,57 @@ def find_checkpoint(out_dir: Path, requested: str) -> Path:
 
 
 def load_training_state(path: Path) -> tuple[dict, dict, dict, dict]:
-    """(model state, optimizer state, RNG state, trainer state). Pickled code is refused, not run."""
-    try:
-        model_state = load_file(str(path / "model.safetensors"))
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng_state = torch.load(path / "rng_state.pt", map_location="cpu", weights_only=True)
-        state = json.loads((path / STATE_FILE).read_text())
-    except FileNotFoundError as e:
-        raise VitfoodError(f"checkpoint {path}: incomplete ({Path(e.filename).name} is missing)") from None
-    except Exception as e:  # weights_only refusals, corrupt files
-        raise VitfoodError(f"checkpoint {path}: refused to load ({first_line(e, 200)})") from None
+    """(model state under vitfood's own names, optimizer state, RNG state, trainer state).
+
+    Pickled code is refused, not run. Checkpoints written before they became Hugging Face models hold
+    vitfood's own names (a fused `qkv`, no config.json); they are told apart by their keys and still resume.
+    """
+    weights = _read_part(path, SAFETENSORS_NAME, lambda f: load_file(str(f)))
+    optimizer_state = _read_part(path, OPTIMIZER_FILE, _torch_load)
+    rng_state = _read_part(path, RNG_FILE, _torch_load)
+    state = _read_part(path, STATE_FILE, lambda f: json.loads(f.read_text()))
+    if "cls_token" in weights:  # the old format: already what ViT.load_state_dict takes
+        return weights, optimizer_state, rng_state, state
+    config = read_json(path / CONFIG_NAME)
+    arch = ViTArch.from_hf_config(config, str(path / CONFIG_NAME))
+    model_state = from_hf_classifier_state_dict(weights, arch, str(path / SAFETENSORS_NAME))
     return model_state, optimizer_state, rng_state, state
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume: drop the log lines a killed run wrote after its checkpoint, so none is doubled."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_bytes(path, "".join(kept).encode())
+def _torch_load(file: Path):
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read_part(path: Path, name: str, reader):
+    """One file of a checkpoint; a missing or unreadable one is one error that names it."""
+    try:
+        return reader(path / name)
+    except FileNotFoundError:
+        raise VitfoodError(f"checkpoint {path}: incomplete ({name} is missing)") from None
+    except Exception as e:  # weights_only refusals, corrupt files
+        raise VitfoodError(f"{path / name}: refused to load ({first_line(e, 200)})") from None
+
+
+def checkpoints_summary(out_dir: Path) -> str | None:
+    """The run's last word on its checkpoints: how many, the room they take, and what they are for."""
+    ckpts = list_checkpoints(out_dir)
+    if not ckpts:
+        return None
+    root = out_dir / CHECKPOINTS
+    # The whole folder, leftovers of interrupted saves included: that is what deleting it frees.
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
+    n = len(ckpts)
+    return (f"{n} checkpoint{'' if n == 1 else 's'} ({human_bytes(size)}) in {root}: continue training with "
+            "--resume-from-checkpoint, or delete the folder to free the space")
+
+
+def human_bytes(n: int) -> str:
+    """987 MB, 1.4 GB, 12 KB, 512 B: decimal units, as disk sizes are sold; a decimal only below 10."""
+    value, unit = float(n), "B"
+    for bigger in ("KB", "MB", "GB"):
+        if round(value) < 1000:
+            break
+        value, unit = value / 1000, bigger
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"

@@ -51,8 +51,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     cfg = parse_config(argv)
     from vitfood.distributed import shutdown_distributed
-    from vitfood.evaluation import evaluate_only
-    from vitfood.train_loop import TrainingInterrupted, train
+    from vitfood.resume import TrainingInterrupted
+    from vitfood.run import evaluate_only
+    from vitfood.train_loop import train
 
     try:
         evaluate_only(cfg) if cfg.eval_only else train(cfg)
@@ -191,3 +192,10 @@ def _emitter(args: argparse.Namespace, bar):
             out.flush()
 
     return emit
+
+
+def prepare_command() -> None:
+    """`python prepare.py` and `vitfood-prepare`."""
+    from vitfood.prepare import main
+
+    exit_now(main())

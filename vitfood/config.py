@@ -2,7 +2,12 @@
 
 Each field's `help` is its documentation; its default is the Hugging Face image-classification
 guide's choice (the Trainer's, where the guide leaves it to the Trainer). `--help` groups the
-flags by the `group` of each field.
+flags by the `group` of each field. Two more facts live beside each field, so that a new flag is
+added in one place:
+- `resume`: whether a resumed run must use the same value (MATCH: the data order, the crops or the
+  labels depend on it), may change it with a warning (WARN: the run goes on, but will not equal an
+  uninterrupted one), or may change it freely (FREE: where or how results are kept or shown).
+- `card`: whether the model card's hyper-parameter table shows it (run.json keeps every field).
 """
 
 from __future__ import annotations
@@ -15,85 +20,110 @@ from typing import get_type_hints
 from vitfood.errors import VitfoodError
 from vitfood.paths import DEFAULT_OUTPUT_DIR
 
+MATCH, WARN, FREE = "match", "warn", "free"
 
-def _opt(default, help: str, group: str, **extra):
-    return field(default=default, metadata={"help": help, "group": group, **extra})
+GUIDE_DATASET = "ethz/food101"
+GUIDE_TRAIN_SAMPLES = 5000  # the guide's `split="train[:5000]"`
+
+
+def _opt(default, help: str, group: str, *, resume: str, card: bool, **extra):
+    return field(default=default, metadata={"help": help, "group": group, "resume": resume, "card": card, **extra})
 
 
 @dataclass
 class TrainConfig:
     # ---- data
-    dataset: str = _opt("ethz/food101", "Hub dataset id, a folder with one subfolder per class, "
-                        "or a folder written by datasets' save_to_disk", "data")
-    train_split: str = _opt("train", "split of --dataset to train on (Hub and save_to_disk datasets)", "data")
+    dataset: str = _opt(GUIDE_DATASET, "Hub dataset id, a folder with one subfolder per class, "
+                        "or a folder written by datasets' save_to_disk", "data", resume=MATCH, card=True)
+    train_split: str = _opt("train", "split of --dataset to train on (Hub and save_to_disk datasets)", "data",
+                            resume=MATCH, card=True)
     eval_split: str | None = _opt(None, "evaluate on this split of the dataset (e.g. 'validation') "
-                                  "instead of holding out --test-size of the training images", "data")
-    max_train_samples: int = _opt(5000, "use this many training images (the guide's train[:5000]); 0 = all. "
-                                  "Hub and save_to_disk datasets take the first N rows, folders a seeded random N", "data")
-    max_eval_samples: int = _opt(0, "cap the evaluation images (the first N of --eval-split); 0 = all", "data")
-    test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data")
-    crop_scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop's range for the share of the image's area "
-                                           "each training crop covers (torchvision's and the guide's 0.08 1.0); raise "
-                                           "MIN for small or centred subjects; 1 1 keeps the whole image", "data", nargs=2,
-                                           metavar=("MIN", "MAX"))
-    flip: bool = _opt(True, "random horizontal flip during training", "data")
+                                  "instead of holding out --test-size of the training images", "data",
+                                  resume=MATCH, card=True)
+    max_train_samples: int | None = _opt(None, "use this many training images; 0 = all. Default: the guide's "
+                                         f"{GUIDE_TRAIN_SAMPLES} (train[:{GUIDE_TRAIN_SAMPLES}]) for {GUIDE_DATASET}, "
+                                         "every image of any other dataset. Hub and save_to_disk datasets take the "
+                                         "first N rows, folders a seeded random N", "data", resume=MATCH, card=True)
+    max_eval_samples: int = _opt(0, "cap the evaluation images (the first N of --eval-split); 0 = all", "data",
+                                 resume=MATCH, card=True)
+    test_size: float = _opt(0.2, "fraction held out for evaluation when no --eval-split is given", "data",
+                            resume=MATCH, card=True)
+    crop_scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop's range for the share of the image's "
+                                           "area each training crop covers (torchvision's and the guide's 0.08 1.0); "
+                                           "raise MIN for small or centred subjects; 1 1 keeps the whole image",
+                                           "data", resume=MATCH, card=True, nargs=2, metavar=("MIN", "MAX"))
+    flip: bool = _opt(True, "random horizontal flip during training", "data", resume=MATCH, card=True)
     rotation: float = _opt(0.0, "random rotation of each training crop by up to this many degrees either way "
-                           "(the guide's TensorFlow path uses about 7); 0 = off", "data")
+                           "(the guide's TensorFlow path uses about 7); 0 = off", "data", resume=MATCH, card=True)
     zoom: float = _opt(0.0, "random zoom of each training crop in or out by up to this fraction (the guide's "
-                       "TensorFlow path uses 0.2); 0 = off", "data")
+                       "TensorFlow path uses 0.2); 0 = off", "data", resume=MATCH, card=True)
     num_workers: int | None = _opt(None, "DataLoader worker processes; default: on a GPU the CPU cores - 1 (at most "
                                    "16), on the CPU 0 (decoding in the training process leaves the cores to the "
-                                   "model's math threads, which need them more)", "data")
+                                   "model's math threads, which need them more)", "data", resume=WARN, card=False)
     decode_cache: str = _opt("auto", "keep each image's decoded pixels in --output-dir/decoded-images after its first "
                              "use, so later epochs skip the decoding (removed when training ends). auto: on when "
                              "training several epochs in one process and the cache fits in half the free disk",
-                             "data", choices=("auto", "on", "off"))
+                             "data", resume=FREE, card=False, choices=("auto", "on", "off"))
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of images is unreadable "
-                                   "(they are skipped and listed in bad_images.txt up to then)", "data")
+                                   "(they are skipped and listed in bad_images.txt up to then)", "data",
+                                   resume=WARN, card=False)
 
     # ---- model
-    model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained ViT: Hub id or local checkpoint folder", "model")
-    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPUs)", "model")
+    model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained ViT: Hub id or local checkpoint folder",
+                      "model", resume=MATCH, card=True)
+    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPUs)", "model",
+                         resume=WARN, card=True)
     eval_only: bool = _opt(False, "no training: evaluate the trained model --model on the evaluation images of "
                            "--dataset and write the report (eval_results.json, confusion matrix) to --output-dir",
-                           "model")
+                           "model", resume=WARN, card=False)
 
     # ---- optimisation
-    epochs: int = _opt(3, "training epochs", "optimisation")
-    batch_size: int = _opt(16, "training images per micro-batch (per device)", "optimisation")
-    eval_batch_size: int = _opt(16, "evaluation images per batch (per device)", "optimisation")
-    grad_accum_steps: int = _opt(4, "micro-batches per optimizer step", "optimisation")
-    learning_rate: float = _opt(5e-5, "peak AdamW learning rate (0 allowed: the backbone is saved unchanged)", "optimisation")
+    epochs: int = _opt(3, "training epochs", "optimisation", resume=WARN, card=True)
+    batch_size: int = _opt(16, "training images per micro-batch (per device)", "optimisation", resume=MATCH, card=True)
+    eval_batch_size: int = _opt(16, "evaluation images per batch (per device)", "optimisation", resume=WARN, card=True)
+    grad_accum_steps: int = _opt(4, "micro-batches per optimizer step", "optimisation", resume=MATCH, card=True)
+    learning_rate: float = _opt(5e-5, "peak AdamW learning rate (0 allowed: the backbone is saved unchanged)",
+                                "optimisation", resume=WARN, card=True)
     weight_decay: float = _opt(0.0, "AdamW weight decay; never applied to biases, LayerNorm weights, "
-                               "position and CLS embeddings", "optimisation")
-    warmup_ratio: float = _opt(0.1, "fraction of optimizer steps with linear warmup, then linear decay to 0", "optimisation")
-    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this; 0 = no clipping", "optimisation")
+                               "position and CLS embeddings", "optimisation", resume=WARN, card=True)
+    warmup_ratio: float = _opt(0.1, "fraction of optimizer steps with linear warmup, then linear decay to 0",
+                               "optimisation", resume=WARN, card=True)
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this; 0 = no clipping", "optimisation",
+                                resume=WARN, card=True)
     precision: str = _opt("auto", "auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU",
-                          "optimisation", choices=("auto", "bf16", "fp16", "fp32"))
-    seed: int = _opt(42, "seed for the split, the head, the data order and the augmentations", "optimisation")
-    device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "optimisation")
+                          "optimisation", resume=WARN, card=True, choices=("auto", "bf16", "fp16", "fp32"))
+    seed: int = _opt(42, "seed for the split, the head, the data order and the augmentations", "optimisation",
+                     resume=MATCH, card=True)
+    device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "optimisation",
+                       resume=WARN, card=False)
 
     # ---- output
-    output_dir: str = _opt(DEFAULT_OUTPUT_DIR, "where the best model, eval_results.json and metrics.jsonl go", "output")
-    logging_steps: int = _opt(10, "a log line every N optimizer steps", "output")
-    overwrite_output_dir: bool = _opt(False, "allow training into a folder that already holds a trained model", "output")
+    output_dir: str = _opt(DEFAULT_OUTPUT_DIR, "where the best model, eval_results.json and metrics.jsonl go",
+                           "output", resume=FREE, card=False)
+    logging_steps: int = _opt(10, "a log line every N optimizer steps", "output", resume=WARN, card=False)
+    overwrite_output_dir: bool = _opt(False, "allow training into a folder that already holds a trained model",
+                                      "output", resume=FREE, card=False)
     report_to: str = _opt("none", "also log the metrics.jsonl scalars to TensorBoard (in --output-dir/runs; "
-                          "pip install 'vitfood[tensorboard]')", "output", choices=("none", "tensorboard"))
+                          "pip install 'vitfood[tensorboard]')", "output", resume=FREE, card=False,
+                          choices=("none", "tensorboard"))
     push_to_hub: bool = _opt(False, "after training, upload the model, its card and report to the Hugging Face Hub "
-                             "(token from `hf auth login` or HF_TOKEN; checked before training starts)", "output")
+                             "(token from `hf auth login` or HF_TOKEN; checked before training starts)", "output",
+                             resume=FREE, card=False)
     hub_model_id: str | None = _opt(None, "Hub repository for --push-to-hub: 'user/name' or 'name'; "
-                                    "default: the --output-dir folder's name", "output")
+                                    "default: the --output-dir folder's name", "output", resume=FREE, card=False)
 
     # ---- checkpoints and faults
     save_steps: int = _opt(0, "also save a resumable checkpoint every N optimizer steps (one is always saved at "
-                           "each epoch's end and on SIGTERM/SIGINT); 0 = epoch ends only", "checkpoints")
-    save_total_limit: int = _opt(0, "keep at most N checkpoints, never removing the newest or the best; 0 = all",
-                                 "checkpoints")
+                           "each epoch's end and on SIGTERM/SIGINT); 0 = epoch ends only", "checkpoints",
+                           resume=WARN, card=False)
+    save_total_limit: int = _opt(1, "keep the N newest checkpoints (each a complete model with its resume state; "
+                                 "the best model is at the top of --output-dir anyway); 0 = all", "checkpoints",
+                                 resume=WARN, card=False)
     resume_from_checkpoint: str | None = _opt(None, "continue a run exactly where it stopped: from PATH, or with "
                                               "no PATH from the newest checkpoint in --output-dir", "checkpoints",
-                                              nargs="?", const="latest")
+                                              resume=FREE, card=False, nargs="?", const="latest")
     skip_nonfinite: int = _opt(0, "skip up to N optimizer steps whose loss or gradient is NaN/inf instead of "
-                               "stopping at the first", "checkpoints", metavar="N")
+                               "stopping at the first", "checkpoints", resume=WARN, card=False, metavar="N")
 
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)  # argparse and JSON give a list
@@ -126,16 +156,38 @@ class TrainConfig:
         if not 0 <= self.max_bad_fraction <= 1:
             raise VitfoodError(f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}")
 
+    def train_samples(self) -> int:
+        """--max-train-samples as the run uses it (0 = all): the guide's subset only for the guide's dataset."""
+        if self.max_train_samples is not None:
+            return self.max_train_samples
+        return GUIDE_TRAIN_SAMPLES if self.dataset == GUIDE_DATASET else 0
+
+
+def fields_where(key: str, value) -> list[str]:
+    """The names of the TrainConfig fields whose metadata `key` is `value`: fields_where("resume", MATCH)."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata[key] == value]
+
+
+def is_hyperparameter(name: str) -> bool:
+    """For the model card's table: a field marked card=True, or a fact of the run (e.g. the images used)."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    return meta[name]["card"] if name in meta else True
+
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default shown, except None: those fields' help says what happens without them."""
+    """Every default shown, except None and the False of an off-by-default switch (its flag says it all)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
-    """One flag per dataclass field: `--name-with-dashes`, type and default from the field."""
+    """One flag per dataclass field: `--name-with-dashes`, type and default from the field.
+
+    A switch that is off by default is only `--switch`; one that is on also has `--no-switch`.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=_HelpWithDefaults)
     groups: dict[str, argparse._ArgumentGroup] = {}
     hints = get_type_hints(cls)
@@ -146,7 +198,7 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
         kwargs = {"default": f.default, "help": f.metadata.get("help", "")}
         hint = hints[f.name]
         if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         else:
             kwargs["type"] = {str | None: str, int | None: int, tuple[float, float]: float}.get(hint, hint)
             kwargs["metavar"] = f.metadata.get("metavar") or ("PATH" if f.metadata.get("nargs")

@@ -125,7 +125,7 @@ def _arrow_records(ds, source: str) -> ArrowRecords:
     return ArrowRecords(ds, image_cols[0], label_col, names)
 
 
-def _load_arrow_split(dataset: str, split: str, max_rows: int):
+def load_arrow_split(dataset: str, split: str, max_rows: int):
     """A split of a save_to_disk folder or a Hub dataset, as a `datasets.Dataset`."""
     try:
         import datasets
@@ -171,6 +171,7 @@ class Splits:
     train: Records
     eval: Records
     label_names: list[str]
+    available: int | None  # training images before --max-train-samples; None: only part of a Hub split was fetched
 
 
 def load_splits(dataset: str, train_split: str, eval_split: str | None, max_train_samples: int,
@@ -189,6 +190,7 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
         else:
             _refuse_split_layout(path)
         train = scan_folder(path / train_split if eval_split is not None else path)
+        available = len(train)
         if max_train_samples and max_train_samples < len(train):
             # Folders are listed class by class: the first N would be the first few classes only.
             pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:max_train_samples])
@@ -198,7 +200,8 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
     else:
         if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
             raise VitfoodError(f"--dataset {dataset}: no such folder")
-        ds = _load_arrow_split(dataset, train_split, max_train_samples)
+        ds = load_arrow_split(dataset, train_split, max_train_samples)
+        available = len(ds) if path.is_dir() or not max_train_samples else None
         if max_train_samples and max_train_samples < len(ds):
             ds = ds.select(range(max_train_samples))
         train = _arrow_records(ds, f"{dataset}[{train_split}]")
@@ -218,13 +221,13 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
                 raise VitfoodError(f"{path / eval_split}: its class folders differ from {path / train_split}'s")
             eval_records = eval_folder
         else:
-            ds = _load_arrow_split(dataset, eval_split, max_eval_samples)
+            ds = load_arrow_split(dataset, eval_split, max_eval_samples)
             eval_records = _arrow_records(ds, f"{dataset}[{eval_split}]")
         if max_eval_samples and max_eval_samples < len(eval_records):
             eval_records = eval_records.subset(np.arange(max_eval_samples))
     if len(train.label_names) < 2:
         raise VitfoodError(f"--dataset {dataset}: found {len(train.label_names)} class; need at least 2")
-    return Splits(train=train, eval=eval_records, label_names=train.label_names)
+    return Splits(train=train, eval=eval_records, label_names=train.label_names, available=available)
 
 
 # ---------------------------------------------------------------- torch datasets: decode in workers
@@ -392,3 +395,17 @@ def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_worker
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def describe_selection(dataset: str, train_split: str, taken: int, available: int | None, cap: int,
+                       cap_is_default: bool) -> str:
+    """Which training images a run takes and why, for its first line: a capped folder is never silent."""
+    if available is not None and taken >= available:
+        return f"all {taken:,} images of {dataset}"
+    if cap_is_default:
+        why = "the guide's subset; --max-train-samples 0 takes all"
+    else:
+        why = f"--max-train-samples {cap}"
+    if available is None:
+        return f"the first {taken:,} images of {dataset}[{train_split}] ({why})"
+    return f"{taken:,} of the {available:,} images of {dataset} ({why})"

@@ -1,23 +1,14 @@
-"""Evaluation: the metrics over a whole evaluation set, and `train.py --eval-only`."""
+"""Evaluation: the metrics over a whole evaluation set (accuracy, top-5, loss, confusion matrix), and
+what they say about a run. The metrics are pure functions, tested without a model."""
 
 from __future__ import annotations
-
-import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vitfood import checkpoint, data, distributed, metrics, report
-from vitfood.config import TrainConfig
-from vitfood.distributed import resolve_num_workers
+from vitfood import data
 from vitfood.distributed import Dist, all_reduce_sum, autocast
 from vitfood.errors import VitfoodError
-from vitfood.hub import resolve_model_dir
-from vitfood.model import load_model
-from vitfood.preprocess import load_preprocessing
 
 
 @torch.no_grad()
@@ -44,12 +35,12 @@ def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: da
             logits = net(pixels)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        metrics.update_confusion(confusion, logits, labels)
-        top5 += metrics.topk_correct(logits, labels, 5)
+        update_confusion(confusion, logits, labels)
+        top5 += topk_correct(logits, labels, 5)
     for t in (confusion, loss_sum, top5):
         all_reduce_sum(t, d)
     try:
-        return metrics.summarize(confusion, loss_sum.item(), int(top5.item()), label_names), confusion.cpu()
+        return summarize(confusion, loss_sum.item(), int(top5.item()), label_names), confusion.cpu()
     except ValueError:
         raise VitfoodError("no evaluation image could be read; see bad_images.txt in the output folder") from None
 
@@ -64,46 +55,63 @@ def label_map_for(dataset_labels: list[str], model_labels: list[str], dataset: s
     return torch.tensor([model_labels.index(name) for name in dataset_labels], dtype=torch.int64)
 
 
-def evaluate_only(cfg: TrainConfig) -> dict:
-    """`train.py --eval-only`: the trained model `cfg.model` on the evaluation images of `cfg.dataset`.
+# ---------------------------------------------------------------- metrics: pure functions
 
-    The evaluation images are those training would hold out (the same seeded split), or
-    --eval-split. Writes eval_results.json, confusion_matrix.json/.png and run.json to --output-dir;
-    the model there, if any, is left untouched.
+def update_confusion(confusion: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Add a batch's argmax predictions to `confusion[true, predicted]` (on the device, no sync)."""
+    k = confusion.shape[0]
+    pred = logits.argmax(dim=-1)
+    # index_add_, not bincount: bincount's output size depends on the data, a host sync on GPUs.
+    confusion.view(-1).index_add_(0, labels * k + pred, torch.ones_like(labels, dtype=confusion.dtype))
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum()
+
+
+def summarize(confusion: torch.Tensor, loss_sum: float, top5_correct: int, label_names: list[str]) -> dict:
+    """eval_loss (mean cross-entropy), eval_accuracy, eval_top5_accuracy, per-class accuracy."""
+    confusion = confusion.double().cpu()
+    total = confusion.sum().item()
+    if total == 0:
+        raise ValueError("no evaluation images could be read")
+    per_class_total = confusion.sum(dim=1)
+    diag = confusion.diagonal()
+    per_class = {
+        name: (diag[i] / per_class_total[i]).item()
+        for i, name in enumerate(label_names) if per_class_total[i] > 0
+    }
+    return {
+        "eval_loss": loss_sum / total,
+        "eval_accuracy": diag.sum().item() / total,
+        "eval_top5_accuracy": top5_correct / total,
+        "eval_samples": int(total),
+        "per_class_accuracy": per_class,
+    }
+
+
+def learning_verdict(confusion, accuracy: float, learning_rate: float) -> str | None:
+    """Why a run's best model looks like it learned nothing, or None when it learned something.
+
+    Two signs, read from the best epoch's confusion matrix (rows true, columns predicted): accuracy no
+    better than always answering the most frequent class, or one class taking almost every prediction.
     """
-    cfg.validate()
-    started = time.time()
-    d, device, precision = distributed.setup(cfg.device, cfg.precision)
-    out_dir = Path(cfg.output_dir)
-    if d.is_main:
-        checkpoint.prepare_report_dir(out_dir)
-    model_dir = resolve_model_dir(cfg.model)
-    model, _ = load_model(model_dir)  # the checkpoint's own trained head
-    prep = load_preprocessing(model_dir, model.arch.image_size)
-    splits = data.load_splits(cfg.dataset, cfg.train_split, cfg.eval_split, cfg.max_train_samples,
-                              cfg.max_eval_samples, cfg.test_size, cfg.seed)
-    label_map = label_map_for(splits.label_names, model.arch.labels, cfg.dataset, cfg.model)
-    workers = resolve_num_workers(cfg.num_workers, device.type)
-    loader = data.make_loader(data.EvalImages(splits.eval, prep),
-                              data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
-                              prep, workers, device.type == "cuda", cfg.seed)
-    model.to(device)
-    bad = data.BadImages(len(splits.eval), cfg.max_bad_fraction)
-    try:
-        results, confusion = evaluate(model, loader, prep, device, precision, model.arch.labels, d, bad, label_map)
-    finally:
-        if d.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        if d.is_main and bad.found:  # also when too many of them stopped the evaluation
-            checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
-    if d.is_main:
-        checkpoint.write_json(out_dir / checkpoint.EVAL_RESULTS, {**results, "model": str(cfg.model),
-                                                                  "dataset": str(cfg.dataset)})
-        report.save_confusion(out_dir / report.CONFUSION_JSON, confusion, model.arch.labels)
-        report.write_report(out_dir, results, confusion, model.arch.labels)
-        resolved = {**asdict(cfg), "num_workers": workers, "precision": precision, "device": str(device)}
-        checkpoint.write_json(out_dir / report.RUN_JSON, report.run_record(
-            resolved, started, time.time(), report.device_description(device)))
-        print(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 {results['eval_top5_accuracy']:.4f} "
-              f"on {results['eval_samples']} images; report in {out_dir}", file=sys.stderr)
-    return results
+    rows = [[int(v) for v in row] for row in (confusion.tolist() if hasattr(confusion, "tolist") else confusion)]
+    total = sum(map(sum, rows))
+    if total == 0 or len(rows) < 2:
+        return None
+    majority = max(map(sum, rows)) / total
+    predicted = [sum(col) for col in zip(*rows)]
+    top = max(range(len(rows)), key=lambda i: predicted[i])
+    if accuracy <= majority + 1e-9:
+        sign = (f"the best accuracy ({accuracy:.4f}) is no better than always predicting the most frequent class "
+                f"({majority:.4f})")
+    elif len(rows) > 2 and predicted[top] >= 0.9 * total:
+        sign = f"{predicted[top] / total:.0%} of the evaluation images were predicted as one class"
+    else:
+        return None
+    return (f"this model did not learn: {sign}. Likely causes: too few optimizer steps for the dataset (more "
+            f"--epochs, or a smaller --batch-size / --grad-accum-steps); a learning rate ({learning_rate:g}) meant "
+            "for fine-tuning a pretrained model used on a small or randomly initialised one (try 1e-3), or too "
+            "high for this one; see README.md, 'Small datasets and learning rates'")

@@ -1,12 +1,13 @@
 """Downloads from the Hugging Face Hub: a ViT checkpoint, or the parquet shards of a dataset split.
 
 Each failure (no network, no such repository, no access) becomes one VitfoodError line that names
-the flag for working from local files instead.
+the flag for working from local files instead, and prepare.py, which writes such files.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from vitfood.errors import VitfoodError, first_line
@@ -15,6 +16,13 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 HUB_HOST = "huggingface.co"
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' or 'name' that is not here: an existing file or folder, a name starting with . / ~,
+    or one with two slashes is a local path (present or missing), never sent to the Hub."""
+    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -22,28 +30,48 @@ def resolve_model_dir(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if not looks_like_hub_id(name_or_path):
         raise VitfoodError(f"model {name_or_path!r}: no such checkpoint folder")
     return download_model(name_or_path)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the Hub: fails in milliseconds without DNS, where the client would retry for ~25 s."""
+    """A TCP connect to where the client's first request goes: fails in milliseconds without DNS, where
+    the client would retry for ~25 s."""
     import os
     import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return False
-    host = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").split("://")[-1].split("/")[0]
     try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        socket.create_connection(hub_address(), timeout=timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an HF_ENDPOINT or proxy URL with no host or a bad port
         return False
+
+
+def hub_address(endpoint: str | None = None) -> tuple[str, int]:
+    """(host, port) that a request to the Hub connects to: the proxy that HTTPS_PROXY, HTTP_PROXY or ALL_PROXY
+    names for the endpoint's scheme unless NO_PROXY exempts its host (as requests and httpx decide), else
+    the endpoint itself: `endpoint`, HF_ENDPOINT or https://huggingface.co, its port or its scheme's."""
+    import os
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint or os.environ.get("HF_ENDPOINT") or f"https://{HUB_HOST}")
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # httpx's reading of "host:port"
+    if not url.hostname:
+        raise ValueError(f"no host in {url.geturl()!r}")
+    return url.hostname, url.port or _DEFAULT_PORTS.get(url.scheme, 443)
 
 
 def _hub_error(kind: str, repo_id: str, e: BaseException | None, flag: str) -> VitfoodError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from vitfood.prepare import prepare_command
 
     if isinstance(e, GatedRepoError):
         why = "it is gated: accept its terms on the Hub and log in with `hf auth login`"
@@ -55,8 +83,45 @@ def _hub_error(kind: str, repo_id: str, e: BaseException | None, flag: str) -> V
         why = first_line(e, 120)
     # A bare name ("food", "vitfood-output") is as likely a local folder that is missing or mistyped.
     local = f"no folder {repo_id!r} here, and " if "/" not in repo_id else ""
-    return VitfoodError(f"{local}cannot download {kind} {repo_id!r} from the Hugging Face Hub: {why}; "
-                        f"to work offline pass a local folder with {flag} PATH")
+    offline = f"to work offline pass a local folder with {flag} PATH"
+    if not isinstance(e, (GatedRepoError, RepositoryNotFoundError)):  # the Hub, not the repository, is the trouble
+        command = prepare_command(**{kind: repo_id})
+        offline += f" (`{command}` writes one on a machine that reaches the Hub)"
+    return VitfoodError(f"{local}cannot download {kind} {repo_id!r} from the Hugging Face Hub: {why}; {offline}")
+
+
+def check_sources(model: str, dataset: str, splits: Iterable[str | None] = ("train",)) -> None:
+    """Before anything is loaded: with the Hub out of reach, one error naming every Hub id (the model, the
+    dataset's `splits`) that the local HF cache cannot serve, where loading would stop at the first.
+
+    Local folders are left to the loaders, which say more about them; with both local, huggingface_hub is
+    not even imported.
+    """
+    from vitfood.prepare import prepare_command
+
+    hub_model, hub_dataset = looks_like_hub_id(model), looks_like_hub_id(dataset)
+    if not (hub_model or hub_dataset):
+        return
+    _quiet_hub()
+    model_missing = hub_model and _cached_model(model) is None
+    wanted = [s for s in dict.fromkeys(splits) if s]
+    lacking = [s for s in wanted if hub_dataset and not _cached_shards(dataset, s)]
+    if not (model_missing or lacking) or hub_reachable():
+        return
+    missing = [_named("--model", model)] if model_missing else []
+    if lacking:
+        missing.append(_named("--dataset", dataset, "" if lacking == ["train"] else f" (split {', '.join(lacking)})"))
+    command = prepare_command(model=model if model_missing else None, dataset=dataset if lacking else None,
+                              split=wanted[0], eval_split=wanted[1] if len(wanted) > 1 else None)
+    paths = " ".join(flag + " PATH" for flag, wanting in (("--model", model_missing), ("--dataset", lacking)) if wanting)
+    raise VitfoodError(f"the Hugging Face Hub cannot be reached (no network, or HF_HUB_OFFLINE is set) and the local "
+                       f"cache lacks {' and '.join(missing)}: run `{command}` on a machine that reaches the Hub, copy "
+                       f"the folder it writes here, and pass {paths} as it prints")
+
+
+def _named(flag: str, name: str, detail: str = "") -> str:
+    # A bare name ("food") is as likely a local folder that is missing or mistyped.
+    return f"{flag} {name!r}{detail}" + (f" (no folder {name!r} here either)" if "/" not in name else "")
 
 
 def _quiet_hub():
@@ -66,30 +131,38 @@ def _quiet_hub():
     hf_logging.set_verbosity_error()
 
 
-def download_model(repo_id: str) -> Path:
-    """config.json, preprocessor_config.json and the weights (safetensors preferred) into the HF cache."""
+def download_model(repo_id: str, local_dir: Path | None = None) -> Path:
+    """config.json, preprocessor_config.json and the weights (safetensors preferred): into the HF cache, or,
+    with `local_dir`, from the Hub into that plain folder (prepare.py)."""
     _quiet_hub()
-    try:  # a model downloaded before works offline
-        return _download_model_files(repo_id, local_files_only=True)
-    except Exception:
-        pass
+    if local_dir is None:
+        cached = _cached_model(repo_id)  # a model downloaded before works offline
+        if cached is not None:
+            return cached
     if not hub_reachable():
         raise _hub_error("model", repo_id, None, "--model")
     try:
-        return _download_model_files(repo_id, local_files_only=False)
+        return _download_model_files(repo_id, local_files_only=False, local_dir=local_dir)
     except VitfoodError:
         raise
     except Exception as e:  # HTTP and cache errors all come here
         raise _hub_error("model", repo_id, e, "--model") from None
 
 
-def _download_model_files(repo_id: str, local_files_only: bool) -> Path:
+def _cached_model(repo_id: str) -> Path | None:
+    try:
+        return _download_model_files(repo_id, local_files_only=True)
+    except Exception:  # not cached, partly cached, or not even a valid repository id
+        return None
+
+
+def _download_model_files(repo_id: str, local_files_only: bool, local_dir: Path | None = None) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     def get(name: str) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, name, local_files_only=local_files_only))
+            return Path(hf_hub_download(repo_id, name, local_files_only=local_files_only, local_dir=local_dir))
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return None
 
@@ -134,8 +207,8 @@ def download_split(repo_id: str, split: str, max_rows: int = 0) -> list[str]:
         raise _hub_error("dataset", repo_id, e, "--dataset") from None
 
 
-def _cached_split(repo_id: str, split: str, max_rows: int) -> list[str]:
-    """The split's shards from an earlier download, read from the local HF cache (offline)."""
+def _cached_shards(repo_id: str, split: str) -> list[str]:
+    """The split's shards from an earlier download, found in the local HF cache without the network."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -143,7 +216,12 @@ def _cached_split(repo_id: str, split: str, max_rows: int) -> list[str]:
     except Exception:
         return []
     shards = split_shards([p.relative_to(root).as_posix() for p in root.rglob("*.parquet")], split)
-    return _first_shards((str(root / rel) for rel in shards), max_rows)
+    return [str(root / rel) for rel in shards]
+
+
+def _cached_split(repo_id: str, split: str, max_rows: int) -> list[str]:
+    """The split's shards from an earlier download, read from the local HF cache (offline)."""
+    return _first_shards(_cached_shards(repo_id, split), max_rows)
 
 
 def _first_shards(paths, max_rows: int) -> list[str]:

@@ -11,7 +11,6 @@ This module imports neither transformers nor torchvision: `infer.py` starts fast
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,6 +240,14 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], arch: ViTArch, source: str) 
     return ours, has_head  # type: ignore[return-value]
 
 
+def from_hf_classifier_state_dict(hf: dict[str, torch.Tensor], arch: ViTArch, source: str) -> dict:
+    """The exact inverse of `to_hf_state_dict`: our full state, head included, for `ViT.load_state_dict`."""
+    backbone, has_head = from_hf_state_dict(hf, arch, source)
+    if not has_head or "classifier.bias" not in hf:
+        raise VitfoodError(f"{source}: has no classifier head (classifier.weight and classifier.bias)")
+    return {**backbone, "head.weight": hf["classifier.weight"], "head.bias": hf["classifier.bias"]}
+
+
 # ---------------------------------------------------------------- Hugging Face files
 
 def load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -313,14 +320,24 @@ def hf_config_for(model: ViT, base_config: dict) -> dict:
     return cfg
 
 
-def save_model(model: ViT, out_dir: Path, base_config: dict, preprocessor: dict) -> None:
-    """Write the model in Hugging Face format: config.json, model.safetensors, preprocessor_config.json."""
+def hf_files(model: ViT, base_config: dict, preprocessor: dict) -> dict[str, bytes]:
+    """The files of a Hugging Face model folder, by name, in the order to write them.
+
+    Weights first, config last: a config.json naming new labels never sits beside old weights.
+    Both the best model and every checkpoint are written from here, so both load the same way.
+    """
     from safetensors.torch import save
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.to("cpu") for k, v in to_hf_state_dict(model).items()}
-    # Weights first, config last: a config.json naming new labels never sits beside old weights.
-    atomic_write_bytes(out_dir / SAFETENSORS_NAME, save(weights, metadata={"format": "pt"}))
-    atomic_write_bytes(out_dir / PREPROCESSOR_NAME, json_bytes(preprocessor))
-    atomic_write_bytes(out_dir / CONFIG_NAME, json_bytes(hf_config_for(model, base_config)))
+    return {
+        SAFETENSORS_NAME: save(weights, metadata={"format": "pt"}),
+        PREPROCESSOR_NAME: json_bytes(preprocessor),
+        CONFIG_NAME: json_bytes(hf_config_for(model, base_config)),
+    }
 
+
+def save_model(model: ViT, out_dir: Path, base_config: dict, preprocessor: dict) -> None:
+    """Write the model in Hugging Face format: config.json, model.safetensors, preprocessor_config.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in hf_files(model, base_config, preprocessor).items():
+        atomic_write_bytes(out_dir / name, data)

@@ -13,7 +13,10 @@ from vitfood import hub
 from vitfood.checkpoint import CHECKPOINTS, EVAL_RESULTS, METRICS
 from vitfood.errors import VitfoodError, first_line
 from vitfood.model import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
-from vitfood.report import CONFUSION_JSON, CONFUSION_PNG, MODEL_CARD, RUN_JSON, TENSORBOARD_DIR, TRAINING_CURVES
+from vitfood.logs import TENSORBOARD_DIR
+from vitfood.model_card import MODEL_CARD
+from vitfood.report import CONFUSION_JSON, CONFUSION_PNG, TRAINING_CURVES
+from vitfood.run_record import RUN_JSON
 
 # What goes to the Hub: the model in Hugging Face format and the files that describe it, by name.
 # Matched with fnmatch against paths relative to the output folder, where `*` also matches `/`:

@@ -1,9 +1,8 @@
-"""What a run leaves besides the model: pictures, a model card, run.json, and optional TensorBoard logs.
+"""The evaluation report: confusion_matrix.json and the pictures (training_curves.png, confusion_matrix.png).
 
-Everything here reads what the training loop already wrote (metrics.jsonl, eval_results.json, the
-confusion matrix) and is called by rank 0 only. matplotlib and tensorboard are optional extras:
-without matplotlib the pictures are skipped with one line on stderr; asking for TensorBoard without
-it fails before training starts, not hours later.
+Everything here reads what the run already wrote (metrics.jsonl, the confusion matrix) and is called
+by rank 0 only. matplotlib is an optional extra: without it the pictures are skipped with one line
+on stderr, and a finished run never fails for it.
 """
 
 from __future__ import annotations
@@ -11,23 +10,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import platform
-import re
-import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from vitfood.checkpoint import METRICS
-from vitfood.errors import VitfoodError, first_line
 from vitfood.fileio import atomic_write_bytes
 
 TRAINING_CURVES = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 CONFUSION_JSON = "confusion_matrix.json"
-RUN_JSON = "run.json"
-MODEL_CARD = "README.md"
-TENSORBOARD_DIR = "runs"
 
 # ---------------------------------------------------------------- pictures (matplotlib, optional)
 
@@ -240,242 +231,3 @@ def write_report(out_dir, results: dict | None, confusion, label_names) -> list[
         plot_confusion_matrix(confusion, label_names, matrix, title=title)
         written.append(str(matrix))
     return written
-
-
-# ---------------------------------------------------------------- the model card (README.md)
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
-# Settings that change nothing about the model; run.json keeps them all.
-_NOT_HYPERPARAMETERS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
-                        "save_steps", "save_total_limit", "num_workers", "decode_cache", "eval_only", "report_to",
-                        "push_to_hub", "hub_model_id", "device", "max_bad_fraction", "skip_nonfinite")
-
-
-def is_hub_id(name: str) -> bool:
-    """'ethz/food101' is a Hub id; an existing folder, or anything that looks like a path, is not."""
-    return bool(name) and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) \
-        and bool(_HUB_ID.match(name))
-
-
-def _md(value) -> str:
-    """A value in a markdown table cell."""
-    text = "none" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
-
-
-def _eval_split(config: dict, hub_dataset: bool) -> str:
-    """The evaluation images in a few words: a split, or the share held out of the training images.
-
-    `train[:5000]` only for Hub datasets, which take the first rows; a folder takes a seeded sample.
-    """
-    if config.get("eval_split"):
-        return str(config["eval_split"])
-    n = config.get("max_train_samples")
-    rows = f"[:{n}]" if n and hub_dataset else ""
-    return f"{config.get('train_split', 'train')}{rows}, {config.get('test_size', 0.2):.0%} held out (seed {config.get('seed')})"
-
-
-def model_card(config: dict, results: dict, label_names, base_model: str, dataset: str,
-               repo_id: str | None = None, files: list[str] | tuple = ()) -> str:
-    """README.md for the output folder: Hub metadata (YAML front matter) and a human description.
-
-    The metadata makes the Hub show the task widget and the accuracy on the model page; `datasets`
-    and `base_model` are set only for Hub ids (a local path there would be a broken link and leaks
-    the trainer's disk layout). `repo_id` names the model in the usage snippet (else the output
-    folder); `files` (e.g. write_report's pictures) are linked from the card.
-    """
-    import yaml
-
-    name = repo_id.split("/")[-1] if repo_id else Path(config.get("output_dir") or "vitfood-model").name
-    where = repo_id or config.get("output_dir") or "vitfood-output"
-    hub_dataset, hub_base = is_hub_id(dataset), is_hub_id(base_model)
-    path = Path(dataset).expanduser()
-    dataset_type = dataset if hub_dataset else (
-        path.name if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() else "imagefolder")
-    accuracy = results.get("eval_accuracy")
-
-    meta = {"library_name": "transformers", "pipeline_tag": "image-classification",
-            "tags": ["vitfood", "image-classification", "vision"]}
-    if hub_dataset:
-        meta["datasets"] = [dataset]
-    if hub_base:
-        meta["base_model"] = base_model
-    meta["metrics"] = ["accuracy"]
-    if isinstance(accuracy, (int, float)):
-        meta["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "image-classification", "name": "Image Classification"},
-            "dataset": {"name": dataset if hub_dataset else path.name, "type": dataset_type,
-                        "split": _eval_split(config, hub_dataset)},
-            "metrics": [{"type": "accuracy", "value": round(float(accuracy), 4), "name": "Accuracy"}]}]}]
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-
-    base_md = f"[{base_model}](https://huggingface.co/{base_model})" if hub_base else f"`{Path(base_model).name}`"
-    data_md = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if hub_dataset else f"the local dataset `{path.name}`"
-    shown = ", ".join(f"`{n}`" for n in list(label_names)[:8])
-    more = f", ... ({len(label_names)} in total; all in `config.json`'s `id2label`)" if len(label_names) > 8 else ""
-    lines = [
-        "---", front.rstrip(), "---", "",
-        f"# {name}", "",
-        f"A Vision Transformer (ViT) image classifier: {base_md} fine-tuned on {data_md} with "
-        "vitfood's hand-written PyTorch training loop (no `Trainer`). "
-        f"It sorts an image into one of {len(label_names)} classes: {shown}{more}.", "",
-        "## Evaluation results", "",
-        "Evaluated on " + (f"{results['eval_samples']} images of " if "eval_samples" in results else "")
-        + f"{data_md} (split: {_eval_split(config, hub_dataset)})"
-        + (f"; the model of epoch {results['epoch']} (optimizer step {results.get('step')}), the best of the run."
-           if "epoch" in results else "."), "",
-        "| metric | value |", "|---|---|",
-    ]
-    for key, label in (("eval_accuracy", "accuracy"), ("eval_top5_accuracy", "top-5 accuracy"),
-                       ("eval_loss", "loss (cross-entropy)")):
-        if isinstance(results.get(key), (int, float)):
-            lines.append(f"| {label} | {results[key]:.4f} |")
-    per_class = results.get("per_class_accuracy") or {}
-    if per_class:
-        worst = sorted(per_class.items(), key=lambda kv: (kv[1], kv[0]))[:10]
-        lines += ["", f"The {len(worst)} classes with the lowest accuracy:", "", "| class | accuracy |", "|---|---|"]
-        lines += [f"| {str(cls).replace('|', '/')} | {acc:.4f} |" for cls, acc in worst]
-    if files:
-        lines += ["", "Also in this repository: " + ", ".join(f"[{Path(f).name}]({Path(f).name})" for f in files) + "."]
-
-    lines += ["", "## Training", "", "Hyper-parameters (`run.json` holds the full configuration and the versions):", "",
-              "| setting | value |", "|---|---|"]
-    for key, value in config.items():
-        if key in ("dataset", "model") and isinstance(value, str) and not is_hub_id(value):
-            value = Path(value).name  # a local folder: its name, not the trainer's disk layout
-        if key not in _NOT_HYPERPARAMETERS:
-            lines.append(f"| {key} | {_md(value)} |")
-    if config.get("batch_size") and config.get("grad_accum_steps"):
-        lines += ["", f"Each optimizer step sees {config['batch_size']} x {config['grad_accum_steps']} images per "
-                  "device (batch size x gradient accumulation); AdamW, linear warmup then linear decay."]
-
-    lines += ["", "## Usage", "", "With transformers:", "", "```python", "from transformers import pipeline", "",
-              f'classifier = pipeline("image-classification", model="{where}")',
-              'print(classifier("photo.jpg"))', "```", "",
-              "With vitfood (no transformers needed at inference):", "", "```bash",
-              f"python infer.py --model {where} photo.jpg", "```", "", "```python", "from vitfood import classify", "",
-              f'print(classify("photo.jpg", model_dir="{where}"))', "```", ""]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- run.json: what produced this model
-
-_VERSIONED = ("torch", "torchvision", "transformers", "datasets", "numpy", "Pillow", "safetensors", "tqdm",
-              "huggingface_hub", "matplotlib", "tensorboard", "vitfood")
-
-
-def package_versions() -> dict:
-    """Installed versions, read from package metadata: nothing is imported, None when not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def git_state(path: Path | None = None) -> dict | None:
-    """{"commit", "dirty"} of the git checkout holding vitfood's source, or None.
-
-    None when git is missing, slow, or the source is not tracked by the repository around it (a
-    site-packages copy inside some other project's virtualenv must not report that project's commit).
-    """
-    src = Path(path or Path(__file__).resolve().parent)
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    if git("ls-files", "--error-unmatch", "__init__.py") is None:
-        return None
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    if commit is None:
-        return None
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
-def device_description(device) -> str:
-    """'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (16 cores)': the hardware that produced the numbers."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
-    if device.type == "cpu":
-        from vitfood.distributed import usable_cores
-
-        return f"cpu ({usable_cores()} cores)"
-    return str(device)
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-
-def run_record(config: dict, started: float, ended: float | None, device: str) -> dict:
-    """run.json: enough to reproduce or audit a run. Written at the start (ended None) and at the end.
-
-    `started`/`ended` are time.time() values; written as ISO 8601 UTC.
-    """
-    return {
-        "command": list(sys.argv),
-        "config": config,
-        "started": _iso(started),
-        "ended": _iso(ended),
-        "duration_s": None if ended is None else round(ended - started, 1),
-        "device": device,
-        "platform": platform.platform(),
-        "versions": package_versions(),
-        "git": git_state(),
-    }
-
-
-# ---------------------------------------------------------------- TensorBoard (optional)
-
-
-def summary_writer_class():
-    """torch's SummaryWriter, or a one-line VitfoodError: call it before training to fail early."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise VitfoodError("--report-to tensorboard needs the tensorboard package: "
-                           "pip install 'vitfood[tensorboard]'") from None
-    except Exception as e:  # e.g. a protobuf that this tensorboard does not accept
-        raise VitfoodError(f"--report-to tensorboard: cannot load tensorboard ({first_line(e)})") from None
-    return SummaryWriter
-
-
-class TensorBoardLog:
-    """The scalars of metrics.jsonl, also as TensorBoard events in out_dir/runs/ (the Hub's metrics tab).
-
-    Same interface as checkpoint.MetricsLog (write a record, close), so the loop hands each record to
-    both. Construct it before training: without the tensorboard package this raises a one-line
-    VitfoodError. On resume pass the checkpoint's step: TensorBoard then hides the killed run's events
-    after it, as truncate_metrics does for metrics.jsonl.
-    """
-
-    def __init__(self, out_dir, resume_step: int = 0):
-        SummaryWriter = summary_writer_class()
-        self.log_dir = Path(out_dir) / TENSORBOARD_DIR
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, record: dict) -> None:
-        """{"type": "eval", "step": 30, "eval_accuracy": 0.9} -> eval/accuracy = 0.9 at step 30."""
-        kind, step = record.get("type", "train"), record["step"]
-        for key, value in record.items():
-            if key in ("type", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            self.writer.add_scalar(f"{kind}/{key.removeprefix(kind + '_')}", value, step)
-        if kind == "eval":
-            self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()

@@ -1,395 +1,421 @@
-"""The training loop: read it top to bottom.
+"""The training loop, as a recipe: read `train` first, then each phase in the order it runs.
 
-setup (device, data, model, optimizer) -> for each epoch: for each micro-batch: forward, backward;
-every `grad_accum_steps` micro-batches: learning rate, gradient scaling, clip, step, log ->
-evaluate -> keep the best model in Hugging Face format -> save a resumable checkpoint.
+    setup          the run's frame, model and data, optimizer, and (when resuming) the saved state
+    for each epoch:
+      train_epoch    micro-batches: forward_backward; every grad_accum_steps: optimizer_step, after_step
+      end_epoch      evaluate, keep the best model, save a resumable checkpoint
+    finish         report pictures, model card, the final lines, the Hub push
+
+`Training` holds the run's parts; `TrainState` (resume.py) is the little that changes from step to
+step and goes into every checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import shutil
-import signal
-import sys
-import threading
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from vitfood import checkpoint, data, distributed, image_cache, publish, report
+from vitfood import checkpoint, data, image_cache, logs, publish, report
 from vitfood.config import TrainConfig
-from vitfood.distributed import resolve_num_workers, usable_cores
-from vitfood.distributed import Dist, all_reduce_sum, autocast, barrier
-from vitfood.evaluation import evaluate
+from vitfood.distributed import all_reduce_sum, autocast, barrier, usable_cores
 from vitfood.errors import VitfoodError
-from vitfood.hub import resolve_model_dir
-from vitfood.model import load_model
+from vitfood.evaluation import evaluate, learning_verdict
+from vitfood.fileio import atomic_write_bytes
+from vitfood.model_card import MODEL_CARD, model_card
 from vitfood.optim import build_optimizer, lr_at, warmup_steps_for
-from vitfood.preprocess import load_preprocessing, training_pixels_cap
+from vitfood.preprocess import training_pixels_cap
+from vitfood.resume import (StopSignals, TrainingInterrupted, TrainState, check_resume, host_rng_state, run_facts,
+                            set_rng_state, tensor_rng_state)
+from vitfood.run import Inputs, RunContext, eval_loader, load_inputs, plural, selection_note, start_run
 
-
-class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT arrived: the step in flight was finished and a checkpoint saved."""
-
-    def __init__(self, signum: int, checkpoint_dir: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum, self.checkpoint_dir = signum, checkpoint_dir
-
-
-# What a resumed run must share with the interrupted one for the data order, the crops and the
-# labels to be the same; anything else that differs only draws a warning.
-_RESUME_IRRELEVANT = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir",  # a moved folder is fine
-                      "decode_cache", "report_to", "push_to_hub", "hub_model_id")  # same pixels, same steps
-_RESUME_MUST_MATCH = ("model", "dataset", "train_split", "eval_split", "max_train_samples", "max_eval_samples",
-                      "test_size", "seed", "batch_size", "grad_accum_steps", "crop_scale", "flip", "rotation", "zoom")
+__all__ = ["train", "TrainingInterrupted"]
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Fine-tune `cfg.model` on `cfg.dataset`; returns the best evaluation results."""
-    cfg.validate()
-    started = time.time()
-    d, device, precision = distributed.setup(cfg.device, cfg.precision)
-    out_dir = Path(cfg.output_dir)
-    workers = resolve_num_workers(cfg.num_workers, device.type)
-    resolved = {**asdict(cfg), "num_workers": workers, "precision": precision, "device": str(device)}  # for run.json
-    hub_repo = None
-    if d.is_main:
-        checkpoint.prepare_output_dir(out_dir, cfg.overwrite_output_dir, resuming=cfg.resume_from_checkpoint is not None)
-        if cfg.push_to_hub:  # no network or no token: say so now, not after hours of training
-            hub_repo = publish.check_push(cfg.hub_model_id, None, out_dir)
-        if cfg.report_to == "tensorboard":
-            report.summary_writer_class()  # not installed: say so now
-    torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
-    if device.type == "cpu":
-        # The workers decode on their own cores; more math threads here would only fight them.
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - workers)))
-
-    # ---- data and model
-    model_dir = resolve_model_dir(cfg.model)
-    splits = data.load_splits(cfg.dataset, cfg.train_split, cfg.eval_split, cfg.max_train_samples,
-                              cfg.max_eval_samples, cfg.test_size, cfg.seed)
-    model, base_config = load_model(model_dir, labels=splits.label_names, seed=cfg.seed)
-    prep = load_preprocessing(model_dir, model.arch.image_size)
-    model.to(device)
-    num_labels = len(splits.label_names)
-
-    pin = device.type == "cuda"
-    cache_bytes = image_cache.estimate_bytes(splits.train, training_pixels_cap(prep, cfg.crop_scale[0]),
-                                             seed=cfg.seed) \
-        if cfg.decode_cache != "off" else 0
-    # Room kept for checkpoints (weights and two AdamW moments, a few of them) and the best model.
-    reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in model.parameters())
-    use_cache, cache_note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, d.world, cache_bytes, out_dir,
-                                                     reserve)
-    resolved.update(decode_cache="on" if use_cache else "off", train_images=len(splits.train),
-                    eval_images=len(splits.eval))  # the images actually used, whatever --max-*-samples said
-    cache_dir = out_dir / "decoded-images" / f"rank-{d.rank}"
-    # Made on disk just before the loop, with the loop's cleanup: a failed setup leaves no cache behind.
-    train_cache = image_cache.ImageCache(cache_dir / "train", len(splits.train)) if use_cache else None
-    eval_cache = image_cache.ImageCache(cache_dir / "eval", len(splits.eval)) if use_cache else None
-    train_sampler = data.TrainBatchSampler(len(splits.train), cfg.batch_size, cfg.seed, d.rank, d.world)
-    train_loader = data.make_loader(data.TrainImages(splits.train, prep, cfg.seed, cfg.flip, train_cache,
-                                                     cfg.rotation, cfg.zoom, cfg.crop_scale),
-                                    train_sampler, prep, workers, pin, cfg.seed)
-    eval_loader = data.make_loader(data.EvalImages(splits.eval, prep, eval_cache),
-                                   data.EvalBatchSampler(len(splits.eval), cfg.eval_batch_size, d.rank, d.world),
-                                   prep, workers, pin, cfg.seed)
-
-    micro_per_epoch = len(train_sampler)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = warmup_steps_for(total_steps, cfg.warmup_ratio)
-
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    forward = torch.compile(model) if cfg.compile else model  # evaluation, and training on one process
-    ddp = None
-    train_net = forward
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        # Compiled around DDP, not inside it: DDP then overlaps the all-reduce with the backward pass.
-        train_net = torch.compile(ddp) if cfg.compile else ddp
-
-    # ---- where the run stands; a resumed run continues from its checkpoint's state
-    setup = {**{k: getattr(cfg, k) for k in _RESUME_MUST_MATCH}, "labels": splits.label_names,
-             "image_size": model.arch.image_size, "world_size": d.world}
-    run = {"step": 0, "epochs_evaluated": 0, "best": None, "best_step": None, "loss_sum": 0.0,
-           "samples_since_log": 0, "nonfinite_skipped": 0, "bad_images": {}}
-    say = _printer(d)
-    if cfg.resume_from_checkpoint is not None:
-        ckpt = checkpoint.find_checkpoint(out_dir, cfg.resume_from_checkpoint)
-        model_state, optimizer_state, rng_state, saved = checkpoint.load_training_state(ckpt)
-        _check_resume(saved, setup, cfg, say, ckpt)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(rng_state, saved["rng"], device)
-        run = saved["run"]
-        say(f"vitfood: resuming from {ckpt} at optimizer step {run['step']}")
-    bad = data.BadImages(len(splits.train) + len(splits.eval), cfg.max_bad_fraction)
-    bad.found.update(run["bad_images"])
-
-    def save_checkpoint() -> Path | None:
-        """Rank 0 writes, the others wait: every rank holds the same weights after a step."""
-        path = None
-        if d.is_main:
-            run.update(loss_sum=float(loss_sum.item()), samples_since_log=samples_since_log, bad_images=bad.found)
-            state = {"run": run, "setup": setup, "config": asdict(cfg), "scaler": scaler.state_dict(),
-                     "rng": _host_rng_state()}
-            protect = {run["best_step"]} if run["best_step"] is not None else set()
-            path = checkpoint.save_training_state(out_dir, run["step"], model.state_dict(), optimizer.state_dict(),
-                                                  _tensor_rng_state(device), state, cfg.save_total_limit, protect)
-        barrier(d)
-        return path
-
-    def end_of_epoch(epoch: int) -> None:
-        """Evaluate; keep the best epoch by accuracy (the first of equals, as the Trainer); checkpoint."""
-        t_eval = time.perf_counter()
-        results, confusion = evaluate(forward, eval_loader, prep, device, precision, splits.label_names, d, bad)
-        results.update(epoch=epoch + 1, step=run["step"])
-        record = {"type": "eval", **{k: v for k, v in results.items() if k != "per_class_accuracy"},
-                  "images_per_s": round(results["eval_samples"] / (time.perf_counter() - t_eval), 2)}
-        _emit(record, logs, bar, d)
-        run["epochs_evaluated"] = epoch + 1
-        if run["best"] is None or results["eval_accuracy"] > run["best"]["eval_accuracy"]:
-            run.update(best=results, best_step=run["step"])
-            if d.is_main:
-                checkpoint.save_best(out_dir, model, base_config, prep.to_hf_dict(), results)
-                report.save_confusion(out_dir / report.CONFUSION_JSON, confusion, splits.label_names)
-        if d.is_main and bad.found:
-            checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
-        save_checkpoint()
-
-    say(f"vitfood: {len(splits.train)} training / {len(splits.eval)} evaluation images, {num_labels} classes; "
-        f"{cfg.epochs} epochs x {steps_per_epoch} optimizer steps of {cfg.batch_size} x {cfg.grad_accum_steps} "
-        f"accumulation x {d.world} process(es) = {cfg.batch_size * cfg.grad_accum_steps * d.world} images; "
-        f"{device}, {precision}, {workers} workers; decoded-image cache {cache_note}")
-
-    def write_run_record(status: str) -> None:
-        """run.json: written once the setup has succeeded (a run that fails before it leaves an earlier
-        run's record alone), and again when the run ends, however it ends."""
-        record = report.run_record(resolved, started, None if status == "running" else time.time(),
-                                   report.device_description(device))
-        checkpoint.write_json(out_dir / report.RUN_JSON, {**record, "status": status})
-
-    if d.is_main and cfg.resume_from_checkpoint is not None:
-        checkpoint.truncate_metrics(out_dir / checkpoint.METRICS, run["step"])
-    logs = []  # metrics.jsonl, and TensorBoard when asked for; rank 0 only
-    if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)  # the setup succeeded: now the folder is made
-        logs.append(checkpoint.MetricsLog(out_dir / checkpoint.METRICS, append=cfg.resume_from_checkpoint is not None))
-        if cfg.report_to == "tensorboard":
-            logs.append(report.TensorBoardLog(out_dir, resume_step=run["step"]))
-        write_run_record("running")
-    bar = tqdm(total=total_steps, initial=run["step"], desc="train", unit="step", disable=not d.is_main,
-               dynamic_ncols=True)
-    stop = _StopSignals()
-
-    # ---- the loop
-    loss_sum = torch.tensor(run["loss_sum"], device=device)  # summed on the device: no host sync per step
-    samples_since_log, t_log = run["samples_since_log"], time.perf_counter()
-    start_epoch, done_in_epoch = divmod(run["step"], steps_per_epoch)
+    """Fine-tune `cfg.model` on `cfg.dataset`; returns the best evaluation's results."""
+    t = setup(cfg)
     status = "failed"
     try:
-        for cache in (train_cache, eval_cache) if use_cache else ():
+        for cache in t.caches:
             cache.create()
-        if done_in_epoch == 0 and run["epochs_evaluated"] < start_epoch:
-            end_of_epoch(start_epoch - 1)  # stopped between an epoch's last step and its evaluation
-        for epoch in range(start_epoch, cfg.epochs):
-            skip = done_in_epoch * cfg.grad_accum_steps if epoch == start_epoch else 0
-            train_sampler.set_epoch(epoch, skip_batches=skip)
-            model.train()
-            window, window_loss = 0, torch.zeros((), device=device)  # this optimizer step's images and loss
-            for micro, batch in enumerate(train_loader, start=skip):
-                if micro % cfg.grad_accum_steps == 0:
-                    lr = lr_at(run["step"], cfg.learning_rate, warmup_steps, total_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                last_micro = (micro + 1) % cfg.grad_accum_steps == 0 or micro + 1 == micro_per_epoch
-                bad.add(batch.bad)
-
-                pixels = prep.normalize(batch.pixels.to(device, non_blocking=True))
-                labels = batch.labels.to(device, non_blocking=True)
-                # DDP all-reduces gradients in backward; skip that on the micro-batches that don't step.
-                with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
-                    with autocast(device, precision):
-                        logits = train_net(pixels)
-                    # Summed, not averaged: the step divides by the images actually seen (below),
-                    # which is exact for a short last batch, an unreadable image, or several ranks.
-                    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-                    scaler.scale(loss).backward()
-                window += labels.numel()
-                window_loss += loss.detach()
-                if not last_micro:
-                    continue
-
-                # ---- optimizer step
-                seen = int(all_reduce_sum(torch.tensor(window, device=device), d).item()) if d.world > 1 else window
-                grad_norm = None
-                if seen > 0:
-                    scaler.unscale_(optimizer)
-                    # DDP already averaged over ranks: x world / seen makes it the mean over all images.
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(d.world / seen)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                    # fp16's GradScaler skips inf/NaN steps itself (and lowers its scale); elsewhere a
-                    # non-finite loss or gradient is a fault: stop before it reaches the weights.
-                    if precision != "fp16" and not torch.isfinite(grad_norm + window_loss).item():
-                        if run["nonfinite_skipped"] >= cfg.skip_nonfinite:
-                            raise VitfoodError(
-                                f"non-finite loss or gradient norm at optimizer step {run['step'] + 1} (epoch "
-                                f"{epoch + 1}): stopped before that step; the saved model and checkpoints are "
-                                f"those of earlier steps (--skip-nonfinite N skips up to N such steps)")
-                        run["nonfinite_skipped"] += 1
-                        say(f"vitfood: skipped optimizer step {run['step'] + 1}: non-finite loss or gradient "
-                            f"({run['nonfinite_skipped']} of --skip-nonfinite {cfg.skip_nonfinite})")
-                        seen = 0
-                    else:
-                        loss_sum += window_loss
-                        scaler.step(optimizer)
-                        scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                run["step"] += 1
-                samples_since_log += seen
-                window, window_loss = 0, torch.zeros((), device=device)
-                bar.update(1)
-
-                if run["step"] % cfg.logging_steps == 0 or run["step"] == total_steps:
-                    loss_total = all_reduce_sum(loss_sum.clone(), d).item()
-                    elapsed = time.perf_counter() - t_log
-                    record = {"type": "train", "step": run["step"], "epoch": round(run["step"] / steps_per_epoch, 4),
-                              "loss": loss_total / max(1, samples_since_log), "learning_rate": lr,
-                              "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                              "images_per_s": round(samples_since_log / elapsed, 2)}
-                    _emit(record, logs, bar, d)
-                    loss_sum.zero_()
-                    samples_since_log, t_log = 0, time.perf_counter()
-
-                epoch_done = micro + 1 == micro_per_epoch
-                if stop.requested(d, device):
-                    path = save_checkpoint()
-                    raise TrainingInterrupted(stop.signum, path or out_dir)
-                if cfg.save_steps and run["step"] % cfg.save_steps == 0 and not epoch_done:
-                    save_checkpoint()  # (an epoch's last step is saved after its evaluation instead)
-
-            end_of_epoch(epoch)
-            t_log = time.perf_counter()  # evaluation time is not training throughput
+        first_epoch, steps_done = divmod(t.state.step, t.schedule.steps_per_epoch)
+        if steps_done == 0 and t.state.epochs_evaluated < first_epoch:
+            end_epoch(t, first_epoch - 1)  # stopped between an epoch's last step and its evaluation
+        for epoch in range(first_epoch, cfg.epochs):
+            train_epoch(t, epoch, skip_steps=steps_done if epoch == first_epoch else 0)
+            end_epoch(t, epoch)
         status = "finished"
     except TrainingInterrupted:
         status = "interrupted"
         raise
     finally:
-        stop.restore()
-        bar.close()
-        if use_cache:  # derived data only; open files in the workers stay readable until they exit
-            shutil.rmtree(cache_dir, ignore_errors=True)
-            with suppress(OSError):
-                cache_dir.parent.rmdir()  # the last rank out removes the folder
-        for log in logs:
-            log.close()
-        if d.is_main:
-            if bad.found:  # also when too many bad images stopped the run: the list says which
-                checkpoint.atomic_write_bytes(out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
-            write_run_record(status)
-
-    best = run["best"]
-    if d.is_main:
-        pictures = report.write_report(out_dir, best, None, splits.label_names)
-        card = report.model_card(resolved, best, splits.label_names, cfg.model, cfg.dataset, repo_id=hub_repo,
-                                 files=[Path(p).name for p in pictures])
-        checkpoint.atomic_write_bytes(out_dir / report.MODEL_CARD, card.encode())
-    say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); model saved to {out_dir}"
-        + (f"; {len(bad.found)} unreadable image(s) skipped, see {out_dir / checkpoint.BAD_IMAGES}" if bad.found else ""))
-    if hub_repo is not None:
-        say(f"vitfood: uploading {out_dir} to the Hub ...")
-        say(f"vitfood: pushed to {publish.push_output_dir(out_dir, hub_repo, None)}")
-    return best
+        close(t, status)
+    return finish(t)
 
 
-def _check_resume(saved: dict, setup: dict, cfg: TrainConfig, say, ckpt: Path) -> None:
-    setup = json.loads(json.dumps(setup))  # as saved: tuples become lists
-    differ = [f"{k}: {saved['setup'].get(k)!r} then, {v!r} now" for k, v in setup.items() if saved["setup"].get(k) != v]
-    if differ:
-        raise VitfoodError(f"cannot resume from {ckpt}: the run differs in " + "; ".join(differ))
-    changed = [k for k, v in asdict(cfg).items()
-               if k not in setup and k not in _RESUME_IRRELEVANT and saved["config"].get(k) != v]
-    if changed:
-        say(f"vitfood: warning: resuming with changed settings ({', '.join(changed)}): the run continues, "
-            "but will not match an uninterrupted one exactly")
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in micro-batches and optimizer steps, and the learning rate at each step."""
+
+    micro_per_epoch: int  # micro-batches per epoch, per process
+    grad_accum_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+
+    @classmethod
+    def for_run(cls, micro_per_epoch: int, cfg: TrainConfig) -> Schedule:
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+        total = cfg.epochs * steps_per_epoch
+        return cls(micro_per_epoch, cfg.grad_accum_steps, steps_per_epoch, total,
+                   warmup_steps_for(total, cfg.warmup_ratio), cfg.learning_rate)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.base_lr, self.warmup_steps, self.total_steps)
+
+    def closes_step(self, micro: int) -> bool:
+        """Whether micro-batch `micro` of an epoch is the last of its optimizer step (an epoch's tail may be short)."""
+        return (micro + 1) % self.grad_accum_steps == 0 or micro + 1 == self.micro_per_epoch
 
 
-def _host_rng_state() -> dict:
-    """Python's and NumPy's global RNG states as plain JSON (restored on resume, whoever uses them)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+@dataclass
+class Training:
+    """The parts of one training run, built once by `setup`."""
+
+    ctx: RunContext
+    inputs: Inputs
+    train_net: torch.nn.Module  # what a training step calls: the model, compiled and/or wrapped in DDP
+    eval_net: torch.nn.Module  # what evaluation calls: the model, compiled when asked
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: data.TrainBatchSampler
+    train_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader
+    caches: list[image_cache.ImageCache]  # decoded-image caches, made when the loop starts
+    schedule: Schedule
+    state: TrainState
+    facts: dict  # what a resumed run must share with this one (resume.run_facts)
+    bad: data.BadImages
+    log: logs.RunLog
+    stop: StopSignals
+    hub_repo: str | None  # where --push-to-hub uploads, checked before training
+    loss_sum: torch.Tensor  # the state's loss_sum, kept on the device: no host sync per step
+    t_log: float  # perf_counter() at the last log line, for images/s
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.ctx.cfg
+
+    @property
+    def model(self):
+        return self.inputs.model
 
 
-def _tensor_rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+# ---------------------------------------------------------------- setup
+
+def setup(cfg: TrainConfig) -> Training:
+    """Everything checked and built before the first step; on disk only the logs and run.json."""
+    ctx = start_run(cfg, training=True)
+    hub_repo = check_extras(ctx)
+    torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
+    inputs = load_inputs(ctx, new_head=True)
+    if ctx.device.type == "cpu":
+        # The workers decode on their own cores; more math threads here would only fight them.
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - ctx.workers)))
+    caches, cache_note = decode_caches(ctx, inputs)
+    sampler = data.TrainBatchSampler(len(inputs.splits.train), cfg.batch_size, cfg.seed, ctx.dist.rank, ctx.dist.world)
+    images = data.TrainImages(inputs.splits.train, inputs.prep, cfg.seed, cfg.flip, caches[0] if caches else None,
+                              cfg.rotation, cfg.zoom, cfg.crop_scale)
+    train_loader = data.make_loader(images, sampler, inputs.prep, ctx.workers, ctx.device.type == "cuda", cfg.seed)
+    evals = eval_loader(ctx, inputs, caches[1] if caches else None)
+    schedule = Schedule.for_run(len(sampler), cfg)
+    optimizer = build_optimizer(inputs.model, cfg.learning_rate, cfg.weight_decay, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
+    train_net, eval_net, ddp = wrap_model(ctx, inputs.model)
+    facts = run_facts(cfg, inputs.splits.label_names, inputs.model.arch.image_size, ctx.dist.world)
+    state = TrainState()
+    if cfg.resume_from_checkpoint is not None:
+        state = restore(ctx, inputs, optimizer, scaler, facts)
+    bad = data.BadImages(len(inputs.splits.train) + len(inputs.splits.eval), cfg.max_bad_fraction)
+    bad.found.update(state.bad_images)
+    ctx.say(first_line(ctx, inputs, schedule, cache_note))
+    log = open_logs(ctx, state.step)
+    ctx.write_record("running")
+    ctx.console.start_progress(schedule.total_steps, state.step)
+    return Training(ctx, inputs, train_net, eval_net, ddp, optimizer, scaler, sampler, train_loader, evals, caches,
+                    schedule, state, facts, bad, log, StopSignals(), hub_repo,
+                    torch.tensor(state.loss_sum, device=ctx.device), time.perf_counter())
+
+
+def check_extras(ctx: RunContext) -> str | None:
+    """The Hub push target and TensorBoard, checked now: not after hours of training. Returns the repo."""
+    if not ctx.dist.is_main:
+        return None
+    if ctx.cfg.report_to == "tensorboard":
+        logs.summary_writer_class()
+    if ctx.cfg.push_to_hub:
+        return publish.check_push(ctx.cfg.hub_model_id, None, ctx.out_dir)
+    return None
+
+
+def decode_caches(ctx: RunContext, inputs: Inputs) -> tuple[list[image_cache.ImageCache], str]:
+    """([train cache, eval cache] or [], why): the decoded-image caches, if this run should keep them."""
+    cfg = ctx.cfg
+    cap = training_pixels_cap(inputs.prep, cfg.crop_scale[0])
+    need = image_cache.estimate_bytes(inputs.splits.train, cap, seed=cfg.seed) if cfg.decode_cache != "off" else 0
+    # Room kept for checkpoints (weights and two AdamW moments, a few of them) and the best model.
+    reserve = 2**30 + 12 * sum(p.numel() * p.element_size() for p in inputs.model.parameters())
+    use, note = image_cache.should_cache(cfg.decode_cache, cfg.epochs, ctx.dist.world, need, ctx.out_dir, reserve)
+    ctx.resolved["decode_cache"] = "on" if use else "off"
+    if not use:
+        return [], note
+    folder = cache_folder(ctx)
+    # Made on disk only when the loop starts, with the loop's cleanup: a failed setup leaves no cache behind.
+    return [image_cache.ImageCache(folder / "train", len(inputs.splits.train)),
+            image_cache.ImageCache(folder / "eval", len(inputs.splits.eval))], note
+
+
+def cache_folder(ctx: RunContext):
+    return ctx.out_dir / "decoded-images" / f"rank-{ctx.dist.rank}"
+
+
+def wrap_model(ctx: RunContext, model) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    """(train_net, eval_net, ddp): the model as the training step and evaluation call it."""
+    eval_net = torch.compile(model) if ctx.cfg.compile else model
+    if ctx.dist.world == 1:
+        return eval_net, eval_net, None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = ctx.device
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Compiled around DDP, not inside it: DDP then overlaps the all-reduce with the backward pass.
+    return (torch.compile(ddp) if ctx.cfg.compile else ddp), eval_net, ddp
+
+
+def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> TrainState:
+    """Continue from a checkpoint: weights, optimizer, loss scaler, RNGs and the run's state."""
+    ckpt = checkpoint.find_checkpoint(ctx.out_dir, ctx.cfg.resume_from_checkpoint)
+    model_state, optimizer_state, rng_state, saved = checkpoint.load_training_state(ckpt)
+    check_resume(saved, facts, ctx.cfg, ctx.say, ckpt)
+    inputs.model.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
+    scaler.load_state_dict(saved["scaler"])
+    set_rng_state(rng_state, saved["rng"], ctx.device)
+    state = TrainState.from_dict(saved["run"])
+    ctx.say(f"vitfood: resuming from {ckpt} at optimizer step {state.step}")
     return state
 
 
-def _set_rng_state(tensors: dict, host: dict, device: torch.device) -> None:
-    version, internal, gauss = host["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = host["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    if device.type == "cuda" and "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"], device)
+def first_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str) -> str:
+    cfg, d, splits = ctx.cfg, ctx.dist, inputs.splits
+    per_step = cfg.batch_size * cfg.grad_accum_steps * d.world
+    return (f"vitfood: {len(splits.train):,} training / {len(splits.eval):,} evaluation images "
+            f"({selection_note(ctx, splits)}), {plural(len(splits.label_names), 'class')}; "
+            f"{plural(cfg.epochs, 'epoch')} x {plural(schedule.steps_per_epoch, 'optimizer step')} of "
+            f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {d.world} process(es) = {per_step} images; "
+            f"{ctx.device}, {ctx.precision}, {plural(ctx.workers, 'worker')}; decoded-image cache {cache_note}")
 
 
-class _StopSignals:
-    """SIGTERM/SIGINT ask the loop to stop after the optimizer step in flight; a second SIGINT stops now."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def requested(self, d: Dist, device: torch.device) -> bool:
-        if d.world > 1:  # all ranks stop at the same step, or the save's barrier would hang
-            return bool(all_reduce_sum(torch.tensor(self.signum, device=device), d).item())
-        return bool(self.signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def open_logs(ctx: RunContext, step: int) -> logs.RunLog:
+    """metrics.jsonl (continued after the checkpoint's step when resuming), TensorBoard, the console."""
+    if not ctx.dist.is_main:
+        return logs.RunLog([])
+    resuming = ctx.cfg.resume_from_checkpoint is not None
+    metrics = ctx.out_dir / checkpoint.METRICS
+    if resuming:
+        logs.truncate_metrics(metrics, step)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)  # the setup succeeded: now the folder is made
+    sinks = [logs.MetricsLog(metrics, append=resuming)]
+    if ctx.cfg.report_to == "tensorboard":
+        sinks.append(logs.TensorBoardLog(ctx.out_dir, resume_step=step))
+    return logs.RunLog([*sinks, ctx.console])
 
 
-def _emit(record: dict, logs: list, bar, d: Dist) -> None:
-    if not d.is_main:
-        return
-    for log in logs:
-        log.write(record)
-    shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if k != "type"}
-    bar.write(str(shown), file=sys.stderr)
+# ---------------------------------------------------------------- one epoch of optimizer steps
+
+def train_epoch(t: Training, epoch: int, skip_steps: int) -> None:
+    """The optimizer steps of one epoch; a resumed epoch starts after the `skip_steps` it had done."""
+    skip = skip_steps * t.cfg.grad_accum_steps
+    t.sampler.set_epoch(epoch, skip_batches=skip)
+    t.model.train()
+    images, window_loss = 0, torch.zeros((), device=t.ctx.device)  # this optimizer step's images and loss
+    for micro, batch in enumerate(t.train_loader, start=skip):
+        t.bad.add(batch.bad)
+        closes = t.schedule.closes_step(micro)
+        n, loss = forward_backward(t, batch, sync_gradients=closes)
+        images, window_loss = images + n, window_loss + loss
+        if not closes:
+            continue
+        lr, grad_norm, seen = optimizer_step(t, epoch, images, window_loss)
+        images, window_loss = 0, torch.zeros((), device=t.ctx.device)
+        after_step(t, lr, grad_norm, seen, epoch_done=micro + 1 == t.schedule.micro_per_epoch)
 
 
-def _printer(d: Dist):
-    def say(msg: str) -> None:
-        if d.is_main:
-            print(msg, file=sys.stderr, flush=True)
-    return say
+def forward_backward(t: Training, batch: data.Batch, sync_gradients: bool) -> tuple[int, torch.Tensor]:
+    """One micro-batch: forward, summed loss, backward. Returns (images, loss)."""
+    device = t.ctx.device
+    pixels = t.inputs.prep.normalize(batch.pixels.to(device, non_blocking=True))
+    labels = batch.labels.to(device, non_blocking=True)
+    # DDP all-reduces gradients in backward; skip that on the micro-batches that don't step.
+    with t.ddp.no_sync() if t.ddp is not None and not sync_gradients else nullcontext():
+        with autocast(device, t.ctx.precision):
+            logits = t.train_net(pixels)
+        # Summed, not averaged: optimizer_step divides by the images actually seen, which is exact
+        # for a short last batch, an unreadable image, or several ranks.
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        t.scaler.scale(loss).backward()
+    return labels.numel(), loss.detach()
 
+
+def optimizer_step(t: Training, epoch: int, images: int, window_loss: torch.Tensor):
+    """Mean gradient over the images seen, clipped, one AdamW step. Returns (lr, grad norm, images seen)."""
+    d, cfg = t.ctx.dist, t.cfg
+    lr = t.schedule.lr(t.state.step)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    seen = int(all_reduce_sum(torch.tensor(images, device=t.ctx.device), d).item()) if d.world > 1 else images
+    grad_norm = None
+    if seen > 0:
+        t.scaler.unscale_(t.optimizer)
+        # DDP already averaged over ranks: x world / seen makes it the mean over all images. One
+        # foreach call instead of a mul_ per tensor (~200 launches per step for ViT-B on a GPU).
+        torch._foreach_mul_([p.grad for p in t.model.parameters() if p.grad is not None], d.world / seen)
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm or float("inf"))
+        # fp16's GradScaler skips inf/NaN steps itself (and lowers its scale); elsewhere a non-finite
+        # loss or gradient is a fault: stop before it reaches the weights, or skip it when allowed.
+        if t.ctx.precision != "fp16" and not torch.isfinite(grad_norm + window_loss).item():
+            skip_nonfinite_step(t, epoch)
+            seen = 0
+        else:
+            t.loss_sum += window_loss
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.state.step += 1
+    return lr, grad_norm, seen
+
+
+def skip_nonfinite_step(t: Training, epoch: int) -> None:
+    step = t.state.step + 1
+    if t.state.nonfinite_skipped >= t.cfg.skip_nonfinite:
+        raise VitfoodError(f"non-finite loss or gradient norm at optimizer step {step} (epoch {epoch + 1}): stopped "
+                           "before that step; the saved model and checkpoints are those of earlier steps "
+                           "(--skip-nonfinite N skips up to N such steps)")
+    t.state.nonfinite_skipped += 1
+    t.ctx.say(f"vitfood: skipped optimizer step {step}: non-finite loss or gradient "
+              f"({t.state.nonfinite_skipped} of --skip-nonfinite {t.cfg.skip_nonfinite})")
+
+
+def after_step(t: Training, lr: float, grad_norm, seen: int, epoch_done: bool) -> None:
+    """Count the step; a log line every --logging-steps; a checkpoint when asked for or signalled."""
+    step = t.state.step
+    t.state.samples_since_log += seen
+    t.ctx.console.advance()
+    if step % t.cfg.logging_steps == 0 or step == t.schedule.total_steps:
+        log_train(t, lr, grad_norm)
+    if t.stop.requested(t.ctx.dist, t.ctx.device):
+        path = save_checkpoint(t)
+        raise TrainingInterrupted(t.stop.signum, path or t.ctx.out_dir)
+    if t.cfg.save_steps and step % t.cfg.save_steps == 0 and not epoch_done:
+        save_checkpoint(t)  # (an epoch's last step is saved after its evaluation instead)
+
+
+def log_train(t: Training, lr: float, grad_norm) -> None:
+    """One metrics record: the mean loss over the images since the last one, and the throughput."""
+    state = t.state
+    loss_total = all_reduce_sum(t.loss_sum.clone(), t.ctx.dist).item()
+    elapsed = time.perf_counter() - t.t_log
+    t.log.write({"type": "train", "step": state.step, "epoch": round(state.step / t.schedule.steps_per_epoch, 4),
+                 "loss": loss_total / max(1, state.samples_since_log), "learning_rate": lr,
+                 "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                 "images_per_s": round(state.samples_since_log / elapsed, 2)})
+    t.loss_sum.zero_()
+    state.samples_since_log, t.t_log = 0, time.perf_counter()
+
+
+# ---------------------------------------------------------------- end of an epoch, checkpoints
+
+def end_epoch(t: Training, epoch: int) -> None:
+    """Evaluate; keep the best epoch by accuracy (the first of equals, as the Trainer); checkpoint."""
+    ctx, inputs, state = t.ctx, t.inputs, t.state
+    started = time.perf_counter()
+    results, confusion = evaluate(t.eval_net, t.eval_loader, inputs.prep, ctx.device, ctx.precision,
+                                  inputs.splits.label_names, ctx.dist, t.bad)
+    results.update(epoch=epoch + 1, step=state.step)
+    t.log.write({"type": "eval", **{k: v for k, v in results.items() if k != "per_class_accuracy"},
+                 "images_per_s": round(results["eval_samples"] / (time.perf_counter() - started), 2)})
+    state.epochs_evaluated = epoch + 1
+    if state.best is None or results["eval_accuracy"] > state.best["eval_accuracy"]:
+        state.best, state.best_step = results, state.step
+        if ctx.dist.is_main:
+            checkpoint.save_best(ctx.out_dir, inputs.model, inputs.base_config, inputs.prep.to_hf_dict(), results)
+            report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, inputs.splits.label_names)
+    ctx.write_bad_images(t.bad)
+    save_checkpoint(t)
+    t.t_log = time.perf_counter()  # evaluation time is not training throughput
+
+
+def save_checkpoint(t: Training):
+    """Rank 0 writes, the others wait: every rank holds the same weights after a step."""
+    ctx, state = t.ctx, t.state
+    path = None
+    if ctx.dist.is_main:
+        state.loss_sum, state.bad_images = float(t.loss_sum.item()), t.bad.found
+        saved = {"run": state.to_dict(), "setup": t.facts, "config": asdict(t.cfg), "scaler": t.scaler.state_dict(),
+                 "rng": host_rng_state()}
+        path = checkpoint.save_training_state(ctx.out_dir, state.step, t.model, t.inputs.base_config,
+                                              t.inputs.prep.to_hf_dict(), t.optimizer.state_dict(),
+                                              tensor_rng_state(ctx.device), saved, t.cfg.save_total_limit)
+    barrier(ctx.dist)
+    return path
+
+
+# ---------------------------------------------------------------- the end
+
+def close(t: Training, status: str) -> None:
+    """However the loop ended: signal handlers back, caches gone, logs closed, run.json's status."""
+    t.stop.restore()
+    t.ctx.console.close()
+    if t.caches:  # derived data only; open files in the workers stay readable until they exit
+        folder = cache_folder(t.ctx)
+        shutil.rmtree(folder, ignore_errors=True)
+        with suppress(OSError):
+            folder.parent.rmdir()  # the last rank out removes the folder
+    t.log.close()
+    t.ctx.write_bad_images(t.bad)  # also when too many bad images stopped the run: the list says which
+    t.ctx.write_record(status)
+
+
+def finish(t: Training) -> dict:
+    """The report and model card, the final lines (with a warning when the model learned nothing), the push."""
+    ctx, best, labels = t.ctx, t.state.best, t.inputs.splits.label_names
+    verdict = None
+    if ctx.dist.is_main:
+        confusion, _ = report.load_confusion(ctx.out_dir / report.CONFUSION_JSON)
+        verdict = learning_verdict(confusion, best["eval_accuracy"], t.cfg.learning_rate)
+        pictures = report.write_report(ctx.out_dir, best, None, labels)
+        card = model_card(ctx.resolved, best, labels, t.cfg.model, t.cfg.dataset, repo_id=t.hub_repo,
+                          files=[Path(p).name for p in pictures], warning=verdict)
+        atomic_write_bytes(ctx.out_dir / MODEL_CARD, card.encode())
+    bad = f"; {plural(len(t.bad.found), 'unreadable image')} skipped, see {ctx.out_dir / checkpoint.BAD_IMAGES}" \
+        if t.bad.found else ""
+    ctx.say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); model saved to "
+            f"{ctx.out_dir}{bad}")
+    if verdict is not None:
+        ctx.say(f"vitfood: warning: {verdict}")
+    kept = checkpoint.checkpoints_summary(ctx.out_dir) if ctx.dist.is_main else None
+    if kept:
+        ctx.say(f"vitfood: {kept}")
+    if t.hub_repo is not None:
+        ctx.say(f"vitfood: uploading {ctx.out_dir} to the Hub ...")
+        ctx.say(f"vitfood: pushed to {publish.push_output_dir(ctx.out_dir, t.hub_repo, None)}")
+    return best

@@ -1,0 +1,117 @@
+"""The configuration's metadata, the console's lines, the learning verdict, and the training-sample cap."""
+
+import dataclasses
+import io
+import json
+import re
+
+import pytest
+
+from helpers import make_image_folder, run
+from vitfood.config import FREE, GUIDE_TRAIN_SAMPLES, MATCH, WARN, TrainConfig, build_parser, is_hyperparameter
+from vitfood.evaluation import learning_verdict
+from vitfood.logs import Console, duration
+
+
+def test_every_field_says_how_it_resumes_and_whether_the_card_shows_it():
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["resume"] in (MATCH, WARN, FREE), f.name
+        assert isinstance(f.metadata["card"], bool), f.name
+        assert f.metadata["help"], f.name
+    # Spot checks of the classification: what decides the data order must match; where files go is free.
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    assert meta["seed"]["resume"] == meta["crop_scale"]["resume"] == meta["batch_size"]["resume"] == MATCH
+    assert meta["output_dir"]["resume"] == meta["decode_cache"]["resume"] == FREE
+    assert meta["epochs"]["resume"] == WARN
+    assert is_hyperparameter("learning_rate") and not is_hyperparameter("output_dir")
+    assert is_hyperparameter("train_images")  # a fact of the run, not a flag: shown
+
+
+def test_switches_off_by_default_show_only_their_positive_form():
+    text = build_parser().format_help()
+    for flag in ("compile", "eval-only", "push-to-hub", "overwrite-output-dir"):
+        assert f"--{flag}" in text and f"--no-{flag}" not in text
+    assert "--flip, --no-flip" in text  # on by default: the way to turn it off is listed
+    assert "(default: False)" not in text and "(default: None)" not in text
+
+
+def test_the_training_sample_cap_belongs_to_the_guides_dataset():
+    assert TrainConfig().train_samples() == GUIDE_TRAIN_SAMPLES
+    assert TrainConfig(dataset="./my_photos").train_samples() == 0  # every image
+    assert TrainConfig(dataset="./my_photos", max_train_samples=300).train_samples() == 300
+    assert TrainConfig(max_train_samples=0).train_samples() == 0
+
+
+def test_duration_reads_as_a_clock():
+    assert [duration(s) for s in (0, 75, 3725)] == ["0:00", "1:15", "1:02:05"]
+
+
+def test_console_in_a_file_writes_plain_lines_with_progress_and_eta():
+    out = io.StringIO()  # not a terminal
+    console = Console(enabled=True, stream=out, every_s=0.0)
+    console.start_progress(total_steps=4, done_steps=0)
+    console.advance()
+    console.write({"type": "train", "step": 1, "loss": 1.23456789})
+    console.say("a message")
+    console.close()
+    text = out.getvalue()
+    assert "\r" not in text  # no progress-bar frames
+    lines = text.splitlines()
+    assert re.fullmatch(r"step 1/4 \(25%\), [\d.]+ steps/s, ETA \d+:\d\d", lines[0])
+    assert lines[1].startswith("{'step': 1, 'loss': 1.234568}  [step 1/4 (25%)")
+    assert lines[2] == "a message"
+
+
+def test_a_silent_console_says_nothing():
+    out = io.StringIO()
+    console = Console(enabled=False, stream=out, every_s=0.0)
+    console.start_progress(3, 0)
+    console.advance()
+    console.say("rank 1 says this")
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("confusion, accuracy, expect", [
+    ([[5, 0, 0], [0, 5, 0], [0, 0, 5]], 1.0, None),  # learned
+    ([[5, 0, 0], [5, 0, 0], [5, 0, 0]], 1 / 3, "no better than always predicting the most frequent class"),
+    ([[8, 0, 0], [1, 0, 0], [1, 0, 0]], 0.8, "no better than always predicting"),  # 0.8 = the majority's share
+    ([[9, 0, 1], [9, 1, 0], [9, 0, 1]], 11 / 30, "90% of the evaluation images were predicted as one class"),
+    ([[4, 1], [1, 4]], 0.8, None),
+])
+def test_learning_verdict(confusion, accuracy, expect):
+    verdict = learning_verdict(confusion, accuracy, 5e-5)
+    if expect is None:
+        assert verdict is None
+    else:
+        assert expect in verdict and "Small datasets and learning rates" in verdict
+
+
+def test_a_run_that_learns_nothing_says_so(backbone_dir, tmp_path):
+    # lr 0: the random head is all the model has; with this seed it answers one class for nearly everything.
+    folder = make_image_folder(tmp_path / "img", per_class=10)
+    out = tmp_path / "out"
+    r = run("train.py", "--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--epochs", 1,
+            "--batch-size", 8, "--grad-accum-steps", 1, "--learning-rate", 0)
+    assert r.returncode == 0, r.stderr
+    assert "vitfood: warning: this model did not learn" in r.stderr
+    assert "this model did not learn" in (out / "README.md").read_text()
+
+
+def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path):
+    # More images than the guide's 5,000: none may be left out without a word (tiny images, one short epoch).
+    folder = make_image_folder(tmp_path / "img", per_class=1734, classes=("a", "b", "c"), size=(8, 8))
+    n = sum(1 for _ in folder.rglob("*.*"))
+    assert n == 5202
+    out = tmp_path / "out"
+    r = run("train.py", "--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--epochs", 1,
+            "--batch-size", 512, "--eval-batch-size", 512, "--grad-accum-steps", 1, "--decode-cache", "off",
+            timeout=300)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / "run.json").read_text())["config"]
+    assert record["train_images"] + record["eval_images"] == n
+    assert f"(all {n:,} images of {folder}, 20% held out for evaluation)" in r.stderr
+    capped = run("train.py", "--model", backbone_dir, "--dataset", folder, "--output-dir", tmp_path / "capped",
+                 "--epochs", 1, "--batch-size", 512, "--grad-accum-steps", 1, "--max-train-samples", 100,
+                 "--eval-batch-size", 512)
+    assert capped.returncode == 0, capped.stderr
+    assert f"(100 of the {n:,} images of {folder} (--max-train-samples 100), 20% held out" in capped.stderr

@@ -1,0 +1,154 @@
+"""What training and `--eval-only` share: the run's frame, its inputs, and --eval-only itself.
+
+A run starts the same way whatever it does: check the flags, join the process group, pick the
+device and precision, check the output folder before any time is spent, then load the model and
+the dataset. It ends the same way too: run.json with its status, bad_images.txt when some images
+could not be read. `evaluate_only` is that frame plus one evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vitfood import checkpoint, data, distributed, hub, report
+from vitfood.config import TrainConfig
+from vitfood.distributed import Dist
+from vitfood.evaluation import evaluate, label_map_for
+from vitfood.fileio import atomic_write_bytes, write_json
+from vitfood.logs import Console
+from vitfood.model import ViT, load_model
+from vitfood.preprocess import Preprocessing, load_preprocessing
+from vitfood.run_record import RUN_JSON, device_description, run_record
+
+
+@dataclass
+class RunContext:
+    """The frame of one process's run: who it is, where it runs, where it writes."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16, resolved from --precision
+    workers: int  # DataLoader workers, resolved from --num-workers
+    out_dir: Path
+    started: float  # time.time() at the start, for run.json
+    resolved: dict  # run.json's "config": the flags with every 'auto' resolved, and the images used
+    console: Console  # rank 0 speaks; the other ranks' console is silent
+
+    def say(self, message: str) -> None:
+        self.console.say(message)
+
+    def write_record(self, status: str) -> None:
+        """run.json (rank 0): written once the setup has succeeded (a run that fails before then leaves an
+        earlier run's record alone), and again when the run ends, however it ends."""
+        if self.dist.is_main:
+            ended = None if status == "running" else time.time()
+            record = run_record(self.resolved, self.started, ended, device_description(self.device))
+            write_json(self.out_dir / RUN_JSON, {**record, "status": status})
+
+    def write_bad_images(self, bad: data.BadImages) -> None:
+        if self.dist.is_main and bad.found:
+            atomic_write_bytes(self.out_dir / checkpoint.BAD_IMAGES, bad.lines().encode())
+
+
+def start_run(cfg: TrainConfig, training: bool) -> RunContext:
+    """Flags, process group, device, precision, and the output folder checked; nothing written yet."""
+    cfg.validate()
+    hub.check_sources(cfg.model, cfg.dataset, (cfg.train_split, cfg.eval_split))  # offline: all missing pieces at once
+    started = time.time()
+    d, device, precision = distributed.setup(cfg.device, cfg.precision)
+    workers = distributed.resolve_num_workers(cfg.num_workers, device.type)
+    out_dir = Path(cfg.output_dir)
+    if d.is_main:
+        if training:
+            checkpoint.prepare_output_dir(out_dir, cfg.overwrite_output_dir,
+                                          resuming=cfg.resume_from_checkpoint is not None)
+        else:
+            checkpoint.prepare_report_dir(out_dir)
+    resolved = {**asdict(cfg), "max_train_samples": cfg.train_samples(), "num_workers": workers,
+                "precision": precision, "device": str(device)}
+    return RunContext(cfg, d, device, precision, workers, out_dir, started, resolved, Console(enabled=d.is_main))
+
+
+@dataclass
+class Inputs:
+    """The model and the dataset of a run, loaded and matched."""
+
+    model: ViT
+    base_config: dict  # the checkpoint's config.json, kept whole in the model we save
+    prep: Preprocessing
+    splits: data.Splits
+
+
+def load_inputs(ctx: RunContext, new_head: bool) -> Inputs:
+    """The dataset's splits and the model; `new_head`: a head for the dataset's classes (training),
+    else the checkpoint's own trained head (evaluation)."""
+    cfg = ctx.cfg
+    model_dir = hub.resolve_model_dir(cfg.model)
+    splits = data.load_splits(cfg.dataset, cfg.train_split, cfg.eval_split, cfg.train_samples(),
+                              cfg.max_eval_samples, cfg.test_size, cfg.seed)
+    if new_head:
+        model, base_config = load_model(model_dir, labels=splits.label_names, seed=cfg.seed)
+    else:
+        model, base_config = load_model(model_dir)
+    prep = load_preprocessing(model_dir, model.arch.image_size)
+    model.to(ctx.device)
+    ctx.resolved.update(train_images=len(splits.train), eval_images=len(splits.eval))
+    return Inputs(model, base_config, prep, splits)
+
+
+def selection_note(ctx: RunContext, splits: data.Splits) -> str:
+    """'all 5,200 images of ./photos, 20% held out for evaluation': what the first line says was taken."""
+    cfg = ctx.cfg
+    held_out = cfg.eval_split is None
+    taken = len(splits.train) + (len(splits.eval) if held_out else 0)
+    note = data.describe_selection(cfg.dataset, cfg.train_split, taken, splits.available, cfg.train_samples(),
+                                   cap_is_default=cfg.max_train_samples is None)
+    return note + (f", {cfg.test_size:.0%} held out for evaluation" if held_out else f"; evaluation: {cfg.eval_split}")
+
+
+def eval_loader(ctx: RunContext, inputs: Inputs, cache=None):
+    records = inputs.splits.eval
+    sampler = data.EvalBatchSampler(len(records), ctx.cfg.eval_batch_size, ctx.dist.rank, ctx.dist.world)
+    return data.make_loader(data.EvalImages(records, inputs.prep, cache), sampler, inputs.prep, ctx.workers,
+                            ctx.device.type == "cuda", ctx.cfg.seed)
+
+
+def evaluate_only(cfg: TrainConfig) -> dict:
+    """`train.py --eval-only`: the trained model `cfg.model` on the evaluation images of `cfg.dataset`.
+
+    The evaluation images are those training would hold out (the same seeded split), or
+    --eval-split. Writes eval_results.json, confusion_matrix.json/.png and run.json to --output-dir;
+    the model there, if any, is left untouched.
+    """
+    ctx = start_run(cfg, training=False)
+    inputs = load_inputs(ctx, new_head=False)
+    labels = inputs.model.arch.labels
+    label_map = label_map_for(inputs.splits.label_names, labels, cfg.dataset, cfg.model)
+    bad = data.BadImages(len(inputs.splits.eval), cfg.max_bad_fraction)
+    try:
+        results, confusion = evaluate(inputs.model, eval_loader(ctx, inputs), inputs.prep, ctx.device, ctx.precision,
+                                      labels, ctx.dist, bad, label_map)
+    finally:
+        if ctx.dist.is_main:
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        ctx.write_bad_images(bad)  # also when too many of them stopped the evaluation
+    if ctx.dist.is_main:
+        write_json(ctx.out_dir / checkpoint.EVAL_RESULTS, {**results, "model": str(cfg.model),
+                                                          "dataset": str(cfg.dataset)})
+        report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, labels)
+        report.write_report(ctx.out_dir, results, confusion, labels)
+        ctx.write_record("finished")
+        ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 {results['eval_top5_accuracy']:.4f} "
+                f"on {results['eval_samples']:,} images; report in {ctx.out_dir}")
+    return results
+
+
+def plural(n: int, word: str) -> str:
+    """plural(1, 'epoch') -> '1 epoch', plural(3, 'epoch') -> '3 epochs'."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+

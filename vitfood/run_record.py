@@ -1,0 +1,88 @@
+"""run.json: what produced a model: the resolved settings, the versions, the device, the git commit, the times."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_JSON = "run.json"
+
+_VERSIONED = ("torch", "torchvision", "transformers", "datasets", "numpy", "Pillow", "safetensors", "tqdm",
+              "huggingface_hub", "matplotlib", "tensorboard", "vitfood")
+
+
+def package_versions() -> dict:
+    """Installed versions, read from package metadata: nothing is imported, None when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_state(path: Path | None = None) -> dict | None:
+    """{"commit", "dirty"} of the git checkout holding vitfood's source, or None.
+
+    None when git is missing, slow, or the source is not tracked by the repository around it (a
+    site-packages copy inside some other project's virtualenv must not report that project's commit).
+    """
+    src = Path(path or Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    if commit is None:
+        return None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def device_description(device) -> str:
+    """'cuda:0 NVIDIA H100 80GB HBM3' or 'cpu (16 cores)': the hardware that produced the numbers."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    if device.type == "cpu":
+        from vitfood.distributed import usable_cores
+
+        return f"cpu ({usable_cores()} cores)"
+    return str(device)
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def run_record(config: dict, started: float, ended: float | None, device: str) -> dict:
+    """run.json: enough to reproduce or audit a run. Written at the start (ended None) and at the end.
+
+    `started`/`ended` are time.time() values; written as ISO 8601 UTC.
+    """
+    return {
+        "command": list(sys.argv),
+        "config": config,
+        "started": _iso(started),
+        "ended": _iso(ended),
+        "duration_s": None if ended is None else round(ended - started, 1),
+        "device": device,
+        "platform": platform.platform(),
+        "versions": package_versions(),
+        "git": git_state(),
+    }
