@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
+from common import ROOT, choose_mode, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
 
 PIPELINE_JOB = ("import sys; from transformers import pipeline; "
                 "p = pipeline('image-classification', model=sys.argv[1], device='cpu'); "
@@ -70,7 +70,7 @@ def gpu(args) -> list[dict]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["cold", "gpu"])
+    p.add_argument("mode", nargs="?", choices=["cold", "gpu"], help="default: gpu on a GPU, cold on the CPU")
     p.add_argument("--model-size", choices=["tiny", "base"], default="base")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
@@ -79,6 +79,7 @@ def main():
     p.add_argument("--work", help="folder for the generated checkpoint and photos (default: a temp folder)")
     p.add_argument("--jsonl", help="append the results to this JSON-lines file")
     args = p.parse_args()
+    choose_mode(args, "bench_infer.py", gpu="gpu", cpu="cold")
     rows = cold(args) if args.mode == "cold" else gpu(args)
     write_jsonl(args.jsonl, rows)
     print(versions())

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, count_flops_per_image, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
+from common import ROOT, choose_mode, count_flops_per_image, make_jpeg_folder, make_vit_checkpoint, table, timed_run, versions, write_jsonl
 
 from vitfood.distributed import usable_cores
 
@@ -244,7 +244,8 @@ def e2e(args, work: Path) -> list[dict]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["compute", "e2e"])
+    p.add_argument("mode", nargs="?", choices=["compute", "e2e"],
+                   help="default: compute on a GPU; on the CPU e2e with the tiny model (minutes, not hours)")
     p.add_argument("--model-size", choices=["tiny", "base"], default="base")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps or images: a check that it runs")
     p.add_argument("--impls", nargs="+", choices=["vitfood", "hf"], default=["vitfood", "hf"])
@@ -266,6 +267,7 @@ def main():
     p.add_argument("--work", help="folder for generated JPEGs, checkpoints and run outputs (default: a temp folder)")
     p.add_argument("--jsonl", help="append the results to this JSON-lines file")
     args = p.parse_args()
+    choose_mode(args, "bench_train.py", gpu="compute", cpu="e2e", cpu_settings={"model_size": "tiny"})
     if args.mode == "compute":
         args.compile = args.compile or ["off"]
         if any(c not in ("off", "on") for c in args.compile):

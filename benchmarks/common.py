@@ -95,6 +95,28 @@ def make_vit_checkpoint(path: Path, *, size: str = "tiny", labels: int = 0, imag
     return path
 
 
+def choose_mode(args, script: str, gpu: str, cpu: str, cpu_settings: dict | None = None) -> None:
+    """With no mode on the command line, the run that suits this machine, said on stderr before it starts.
+
+    On a GPU the GPU measurement; on a CPU the comparison that CPU can make in a few minutes
+    (`cpu_settings` replaces defaults that would take hours there, e.g. ViT-B's model size).
+    """
+    if args.mode is not None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        args.mode, settings = gpu, {}
+    else:
+        args.mode, settings = cpu, cpu_settings or {}
+    for name, value in settings.items():
+        setattr(args, name, value)
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+    where = "a GPU" if args.mode == gpu else "no GPU"
+    print(f"{script}: no mode given; {where} here, so running: {script} {args.mode} {flags}".rstrip(), file=sys.stderr,
+          flush=True)
+
+
 def versions() -> dict:
     import torch
 

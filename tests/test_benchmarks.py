@@ -10,12 +10,15 @@ import pytest
 from helpers import ROOT
 
 
-def bench(script, *args, work, timeout=300):
+def bench(script, *args, work, timeout=300, stderr=None):
+    """The benchmark's result rows; its stderr is appended to the list `stderr`, when given."""
     jsonl = work / "results.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args), "--work", str(work),
                         "--jsonl", str(jsonl)], capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(r.stderr)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     rows = [r for r in rows if r.get("mode") != "e2e-run"]  # each e2e job's own line, written as it ends
     table = [line for line in r.stdout.splitlines() if line.startswith("|")]
@@ -48,8 +51,10 @@ def test_bench_train_end_to_end_smoke(tmp_path):
     assert rows[0]["steady images/s"] > 0 and rows[2]["steady images/s"] > 0  # several steps of 4 images each
 
 
-def test_bench_infer_cold_smoke(tmp_path):
-    rows = bench("bench_infer.py", "cold", "--model-size", "tiny", "--repeats", 1, work=tmp_path)
+def test_bench_infer_cold_smoke_is_the_default_without_a_gpu(tmp_path):
+    err = []
+    rows = bench("bench_infer.py", "--model-size", "tiny", "--repeats", 1, work=tmp_path, stderr=err)  # no mode
+    assert "bench_infer.py: no mode given; no GPU here, so running: bench_infer.py cold" in err[0]
     assert rows[0]["vitfood infer.py s"] > 0 and rows[0]["transformers.pipeline s"] > 0
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from helpers import CLASSES, make_image_folder, run
 from vitfood import checkpoint
+from vitfood.fileio import human_bytes
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model, save_model
 from vitfood.preprocess import load_preprocessing
@@ -158,7 +159,7 @@ def test_checkpoints_summary(trained, tmp_path):
     save(out, 1, trained)
     size = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert checkpoint.checkpoints_summary(out) == (
-        f"1 checkpoint ({checkpoint.human_bytes(size)}) in {out / 'checkpoints'}: "
+        f"1 checkpoint ({human_bytes(size)}) in {out / 'checkpoints'}: "
         "continue training with --resume-from-checkpoint, or delete the folder to free the space")
     save(out, 2, trained)
     assert checkpoint.checkpoints_summary(out).startswith("2 checkpoints (")
@@ -170,7 +171,7 @@ def test_checkpoints_summary(trained, tmp_path):
     (86_000_000_000, "86 GB"),
 ])
 def test_human_bytes(n, text):
-    assert checkpoint.human_bytes(n) == text
+    assert human_bytes(n) == text
 
 
 # ---------------------------------------------------------------- the checkpoints of a real run

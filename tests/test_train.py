@@ -40,6 +40,49 @@ def test_accumulating_4_batches_of_4_equals_one_batch_of_16(backbone_dir, tmp_pa
     assert not torch.equal(wa["vit.layernorm.weight"], start.norm.weight.detach())  # it did train
 
 
+@pytest.mark.parametrize("micro", [16, 8, 3])
+def test_the_micro_batch_is_a_memory_detail_not_the_recipe(backbone_dir, tmp_path, micro):
+    # The recipe's 4 x 4 accumulation computed 16, 8 or 3 images per pass (3: passes that straddle the
+    # loader's batches) trains the weights of the literal 4 x 4, to float32 rounding.
+    folder = make_image_folder(tmp_path / "img", per_class=16)
+    literal = train(config(backbone_dir, folder, tmp_path / "a", batch_size=4, grad_accum_steps=4, test_size=1 / 3))
+    passes = train(config(backbone_dir, folder, tmp_path / "b", batch_size=4, grad_accum_steps=4, test_size=1 / 3,
+                          micro_batch_size=micro))
+    assert literal["step"] == passes["step"] == 2
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+    record = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert record["micro_batch_size"] == micro
+
+
+def test_an_out_of_memory_halves_the_pass_and_the_run_goes_on(backbone_dir, tmp_path, monkeypatch, capsys):
+    # A GPU is faked by a model that runs out of memory above 4 images per pass: the step is redone
+    # with clean gradients at 8, then 4 images, and gives the literal 4 x 4's weights.
+    from vitfood import train_loop
+
+    folder = make_image_folder(tmp_path / "img", per_class=16)
+    literal = train(config(backbone_dir, folder, tmp_path / "a", batch_size=4, grad_accum_steps=4, test_size=1 / 3))
+    real = train_loop.forward_backward
+
+    def small_gpu(t, pixels, labels, sync_gradients):
+        if len(labels) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(t, pixels, labels, sync_gradients)
+
+    monkeypatch.setattr(train_loop, "forward_backward", small_gpu)
+    monkeypatch.setattr(train_loop, "resolve_micro_batch", lambda ctx: 16)  # auto on one GPU: the whole step
+    monkeypatch.setattr(train_loop, "oom_retry_allowed", lambda ctx: True)
+    retried = train(config(backbone_dir, folder, tmp_path / "b", batch_size=4, grad_accum_steps=4, test_size=1 / 3))
+    said = capsys.readouterr().err
+    assert "out of GPU memory: computing 8 images at a time" in said and "computing 4 images at a time" in said
+    assert retried["step"] == literal["step"] == 2
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["micro_batch_size"] == 4
+
+
 def test_same_seed_same_weights_whatever_the_worker_count(backbone_dir, image_folder, tmp_path):
     train(config(backbone_dir, image_folder, tmp_path / "a", num_workers=2))
     train(config(backbone_dir, image_folder, tmp_path / "b", num_workers=2))

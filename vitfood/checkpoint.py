@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from vitfood import fileio
 from vitfood.errors import VitfoodError, first_line
-from vitfood.fileio import fsync_dir, json_bytes, read_json, write_json
+from vitfood.fileio import fsync_dir, human_bytes, json_bytes, read_json, write_json
 from vitfood.model import (CONFIG_NAME, SAFETENSORS_NAME, ViT, ViTArch, from_hf_classifier_state_dict, hf_files,
                            save_model)
 
@@ -217,15 +217,3 @@ def checkpoints_summary(out_dir: Path) -> str | None:
     n = len(ckpts)
     return (f"{n} checkpoint{'' if n == 1 else 's'} ({human_bytes(size)}) in {root}: continue training with "
             "--resume-from-checkpoint, or delete the folder to free the space")
-
-
-def human_bytes(n: int) -> str:
-    """987 MB, 1.4 GB, 12 KB, 512 B: decimal units, as disk sizes are sold; a decimal only below 10."""
-    value, unit = float(n), "B"
-    for bigger in ("KB", "MB", "GB"):
-        if round(value) < 1000:
-            break
-        value, unit = value / 1000, bigger
-    if unit == "B":
-        return f"{n} B"
-    return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"

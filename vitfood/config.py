@@ -82,6 +82,11 @@ class TrainConfig:
     batch_size: int = _opt(16, "training images per micro-batch (per device)", "optimisation", resume=MATCH, card=True)
     eval_batch_size: int = _opt(16, "evaluation images per batch (per device)", "optimisation", resume=WARN, card=True)
     grad_accum_steps: int = _opt(4, "micro-batches per optimizer step", "optimisation", resume=MATCH, card=True)
+    micro_batch_size: str = _opt("auto", "images per forward and backward pass. Each optimizer step still averages "
+                                 "over --batch-size x --grad-accum-steps images; this only says how many of them "
+                                 "the device computes at once. auto: on one GPU the whole step, halved whenever "
+                                 "memory runs out (the run goes on); elsewhere --batch-size. N: at most N",
+                                 "optimisation", resume=WARN, card=False, metavar="auto|N")
     learning_rate: float = _opt(5e-5, "peak AdamW learning rate (0 allowed: the backbone is saved unchanged)",
                                 "optimisation", resume=WARN, card=True)
     weight_decay: float = _opt(0.0, "AdamW weight decay; never applied to biases, LayerNorm weights, "
@@ -127,6 +132,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)  # argparse and JSON give a list
+        self.micro_batch_size = str(self.micro_batch_size)  # auto, or a number given from Python as an int
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps")
@@ -150,6 +156,9 @@ class TrainConfig:
             raise VitfoodError(f"--rotation must be between 0 and 180 degrees, got {self.rotation}")
         if not 0 <= self.zoom < 1:
             raise VitfoodError(f"--zoom must be at least 0 and below 1, got {self.zoom}")
+        if self.micro_batch_size != "auto" and not (self.micro_batch_size.isdigit() and int(self.micro_batch_size) > 0):
+            raise VitfoodError(f"--micro-batch-size must be auto or a whole number of images, at least 1, "
+                               f"got {self.micro_batch_size!r}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise VitfoodError(f"--crop-scale {low:g} {high:g}: needs 0 < MIN <= MAX <= 1")

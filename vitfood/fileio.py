@@ -1,4 +1,4 @@
-"""Writing files that survive a crash: fsync, temporary name then rename, JSON.
+"""Writing files that survive a crash: fsync, temporary name then rename, JSON; and sizes for people.
 
 Every file vitfood leaves (the model, checkpoints, reports, run.json) goes through here, so "a crash
 never leaves half a file" is one mechanism, not a habit repeated per module.
@@ -58,3 +58,15 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise VitfoodError(f"{path}: expected a JSON object")
     return data
+
+
+def human_bytes(n: int) -> str:
+    """987 MB, 1.4 GB, 12 KB, 512 B: decimal units, as disk sizes are sold; a decimal only below 10."""
+    value, unit = float(n), "B"
+    for bigger in ("KB", "MB", "GB"):
+        if round(value) < 1000:
+            break
+        value, unit = value / 1000, bigger
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"

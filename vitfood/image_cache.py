@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitfood.fileio import human_bytes
 from vitfood.preprocess import BadImageError, open_image
 
 _ABSENT = -1
@@ -129,9 +130,9 @@ def should_cache(setting: str, epochs: int, world: int, need_bytes: int, folder:
         return False, "off (this platform has no os.pwrite/os.preadv)"
     existing = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())  # made only when training starts
     free = shutil.disk_usage(existing).free
-    size, free_gib = f"{need_bytes / 2**30:.1f} GiB", f"{free / 2**30:.1f} GiB"
+    size, free_text = human_bytes(need_bytes), human_bytes(free)
     if need_bytes + reserve_bytes > free:
-        return False, f"off: about {size}, which with room for the checkpoints is more than the {free_gib} free"
+        return False, f"off: about {size}, which with room for the checkpoints is more than the {free_text} free"
     if setting == "on":
         return True, f"on, about {size}"
     if epochs < 2:
@@ -139,5 +140,5 @@ def should_cache(setting: str, epochs: int, world: int, need_bytes: int, folder:
     if world > 1:
         return False, "off (auto: several processes; --decode-cache on gives each its own copy)"
     if 2 * need_bytes > free - reserve_bytes:
-        return False, f"off (auto: about {size} is more than half the {free_gib} free)"
+        return False, f"off (auto: about {size} is more than half the {free_text} free)"
     return True, f"on, about {size}"

@@ -2,7 +2,8 @@
 
     setup          the run's frame, model and data, optimizer, and (when resuming) the saved state
     for each epoch:
-      train_epoch    micro-batches: forward_backward; every grad_accum_steps: optimizer_step, after_step
+      train_epoch    per optimizer step: compute_gradients (forward_backward per pass), optimizer_step,
+                     after_step
       end_epoch      evaluate, keep the best model, save a resumable checkpoint
     finish         report pictures, model card, the final lines, the Hub push
 
@@ -108,6 +109,8 @@ class Training:
     log: logs.RunLog
     stop: StopSignals
     hub_repo: str | None  # where --push-to-hub uploads, checked before training
+    micro: int  # images per forward/backward pass (--micro-batch-size, resolved; halved on out-of-memory)
+    retry_oom: bool  # whether an out-of-memory halves `micro` and redoes the step (oom_retry_allowed)
     loss_sum: torch.Tensor  # the state's loss_sum, kept on the device: no host sync per step
     t_log: float  # perf_counter() at the last log line, for images/s
 
@@ -141,18 +144,19 @@ def setup(cfg: TrainConfig) -> Training:
     optimizer = build_optimizer(inputs.model, cfg.learning_rate, cfg.weight_decay, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
     train_net, eval_net, ddp = wrap_model(ctx, inputs.model)
+    micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(ctx)
     facts = run_facts(cfg, inputs.splits.label_names, inputs.model.arch.image_size, ctx.dist.world)
     state = TrainState()
     if cfg.resume_from_checkpoint is not None:
         state = restore(ctx, inputs, optimizer, scaler, facts)
     bad = data.BadImages(len(inputs.splits.train) + len(inputs.splits.eval), cfg.max_bad_fraction)
     bad.found.update(state.bad_images)
-    ctx.say(first_line(ctx, inputs, schedule, cache_note))
+    ctx.say(first_line(ctx, inputs, schedule, cache_note, micro))
     log = open_logs(ctx, state.step)
     ctx.write_record("running")
     ctx.console.start_progress(schedule.total_steps, state.step)
     return Training(ctx, inputs, train_net, eval_net, ddp, optimizer, scaler, sampler, train_loader, evals, caches,
-                    schedule, state, facts, bad, log, StopSignals(), hub_repo,
+                    schedule, state, facts, bad, log, StopSignals(), hub_repo, micro, oom_retry_allowed(ctx),
                     torch.tensor(state.loss_sum, device=ctx.device), time.perf_counter())
 
 
@@ -215,13 +219,32 @@ def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> 
     return state
 
 
-def first_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str) -> str:
+def resolve_micro_batch(ctx: RunContext) -> int:
+    """--micro-batch-size as images per pass. auto: the whole optimizer step on one GPU, where an eager
+    step of 16 images is bound by Python launching kernels, not by the GPU (27 ms for 16 images, 33 ms
+    for 64 on an H200); --batch-size elsewhere: a CPU gains nothing from bigger passes, and under
+    torchrun an out-of-memory retry on one rank would leave the others waiting in DDP's all-reduce."""
+    cfg = ctx.cfg
+    if cfg.micro_batch_size != "auto":
+        return int(cfg.micro_batch_size)
+    if ctx.device.type == "cuda" and ctx.dist.world == 1:
+        return cfg.batch_size * cfg.grad_accum_steps
+    return cfg.batch_size
+
+
+def oom_retry_allowed(ctx: RunContext) -> bool:
+    """On one GPU; not under torchrun, where the other ranks would wait for the failed one in DDP's all-reduce."""
+    return ctx.device.type == "cuda" and ctx.dist.world == 1
+
+
+def first_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str, micro: int) -> str:
     cfg, d, splits = ctx.cfg, ctx.dist, inputs.splits
     per_step = cfg.batch_size * cfg.grad_accum_steps * d.world
     return (f"vitfood: {len(splits.train):,} training / {len(splits.eval):,} evaluation images "
             f"({selection_note(ctx, splits)}), {plural(len(splits.label_names), 'class')}; "
             f"{plural(cfg.epochs, 'epoch')} x {plural(schedule.steps_per_epoch, 'optimizer step')} of "
-            f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {d.world} process(es) = {per_step} images; "
+            f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {d.world} process(es) = {per_step} images, "
+            f"computed {min(micro, cfg.batch_size * cfg.grad_accum_steps)} at a time; "
             f"{ctx.device}, {ctx.precision}, {plural(ctx.workers, 'worker')}; decoded-image cache {cache_note}")
 
 
@@ -247,33 +270,56 @@ def train_epoch(t: Training, epoch: int, skip_steps: int) -> None:
     skip = skip_steps * t.cfg.grad_accum_steps
     t.sampler.set_epoch(epoch, skip_batches=skip)
     t.model.train()
-    images, window_loss = 0, torch.zeros((), device=t.ctx.device)  # this optimizer step's images and loss
+    window: list[data.Batch] = []  # the loader's batches that make this optimizer step
     for micro, batch in enumerate(t.train_loader, start=skip):
         t.bad.add(batch.bad)
-        closes = t.schedule.closes_step(micro)
-        n, loss = forward_backward(t, batch, sync_gradients=closes)
-        images, window_loss = images + n, window_loss + loss
-        if not closes:
+        window.append(batch)
+        if not t.schedule.closes_step(micro):
             continue
+        images, window_loss = compute_gradients(t, window)
+        window = []
         lr, grad_norm, seen = optimizer_step(t, epoch, images, window_loss)
-        images, window_loss = 0, torch.zeros((), device=t.ctx.device)
         after_step(t, lr, grad_norm, seen, epoch_done=micro + 1 == t.schedule.micro_per_epoch)
 
 
-def forward_backward(t: Training, batch: data.Batch, sync_gradients: bool) -> tuple[int, torch.Tensor]:
-    """One micro-batch: forward, summed loss, backward. Returns (images, loss)."""
+def compute_gradients(t: Training, batches: list[data.Batch]) -> tuple[int, torch.Tensor]:
+    """The optimizer step's images, forward and backward `t.micro` at a time. Returns (images, summed loss).
+
+    The gradient is a sum over images, so the passes' sizes change only the float rounding. On one GPU
+    an out-of-memory halves the pass and redoes the step from clean gradients: the run goes on.
+    """
     device = t.ctx.device
-    pixels = t.inputs.prep.normalize(batch.pixels.to(device, non_blocking=True))
-    labels = batch.labels.to(device, non_blocking=True)
-    # DDP all-reduces gradients in backward; skip that on the micro-batches that don't step.
+    pixels = torch.cat([b.pixels.to(device, non_blocking=True) for b in batches])
+    labels = torch.cat([b.labels.to(device, non_blocking=True) for b in batches])
+    while True:
+        try:
+            loss = torch.zeros((), device=device)
+            for start in range(0, max(1, len(labels)), t.micro):  # one pass even when every image was bad: DDP
+                end = start + t.micro  # needs every rank in each all-reduce
+                loss += forward_backward(t, pixels[start:end], labels[start:end], sync_gradients=end >= len(labels))
+            return len(labels), loss
+        except torch.cuda.OutOfMemoryError:
+            if not t.retry_oom or t.micro == 1:
+                raise
+            t.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            t.micro //= 2
+            t.ctx.resolved["micro_batch_size"] = t.micro
+            t.ctx.say(f"vitfood: out of GPU memory: computing {t.micro} images at a time from now on")
+
+
+def forward_backward(t: Training, pixels: torch.Tensor, labels: torch.Tensor, sync_gradients: bool) -> torch.Tensor:
+    """One pass: forward, summed loss, backward. Returns the loss, summed over the pass's images."""
+    pixels = t.inputs.prep.normalize(pixels)
+    # DDP all-reduces gradients in backward; skip that on the passes that don't end the step.
     with t.ddp.no_sync() if t.ddp is not None and not sync_gradients else nullcontext():
-        with autocast(device, t.ctx.precision):
+        with autocast(t.ctx.device, t.ctx.precision):
             logits = t.train_net(pixels)
         # Summed, not averaged: optimizer_step divides by the images actually seen, which is exact
         # for a short last batch, an unreadable image, or several ranks.
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         t.scaler.scale(loss).backward()
-    return labels.numel(), loss.detach()
+    return loss.detach()
 
 
 def optimizer_step(t: Training, epoch: int, images: int, window_loss: torch.Tensor):
