@@ -95,6 +95,27 @@ def test_a_run_that_learns_nothing_says_so(backbone_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "vitfood: warning: this model did not learn" in r.stderr
     assert "this model did not learn" in (out / "README.md").read_text()
+    # The same run's stderr is a pipe, as when logged to a file: plain lines, plurals that read right.
+    assert "\r" not in r.stderr and "ETA" not in r.stderr.splitlines()[-1]
+    assert re.search(r"\[step \d+/\d+ \(\d+%\), [\d.]+ steps/s", r.stderr)
+    assert "3 classes; 1 epoch x 3 optimizer steps of 8 x 1" in r.stderr
+    assert "1 checkpoint (" in r.stderr and "--resume-from-checkpoint, or delete the folder" in r.stderr
+    # run.json's timeline: where the whole process's time went, in order, from the process's start.
+    record = json.loads((out / "run.json").read_text())
+    events = [e["event"] for e in record["timeline"]]
+    for event in ("imports done", "dataset and model loaded", "training started",
+                  "first optimizer step done (with any compilation)", "epoch 1 evaluated", "best model saved",
+                  "checkpoint step-00000003 saved", "report and model card written"):
+        assert event in events
+    times = [e["at_s"] for e in record["timeline"]]
+    assert times == sorted(times) and 0 < times[0] < times[-1] < 120
+    assert record["config"]["compile"] == "off" and record["config"]["compile_decision"] == "off (auto: not on the CPU)"
+
+
+def test_train_help_as_a_user_sees_it():
+    r = run("train.py", "--help")
+    assert r.returncode == 0 and "--compile " in r.stdout and "--no-compile" not in r.stdout
+    assert "--micro-batch-size auto|N" in r.stdout and "--crop-scale MIN MAX" in r.stdout
 
 
 def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path):
@@ -115,3 +136,17 @@ def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path)
                  "--eval-batch-size", 512)
     assert capped.returncode == 0, capped.stderr
     assert f"(100 of the {n:,} images of {folder} (--max-train-samples 100), 20% held out" in capped.stderr
+
+
+@pytest.mark.parametrize("setting, device, images, expect", [
+    ("on", "cpu", 10, (True, "on")),
+    ("off", "cuda", 10**6, (False, "off")),
+    ("auto", "cpu", 10**6, (False, "off (auto: not on the CPU)")),
+    ("auto", "cuda", 12_000, (False, "off (auto: 12,000 training images are fewer than 100,000)")),
+    ("auto", "cuda", 227_250, (True, "on (auto: 227,250 training images)")),  # Food-101's train split, 3 epochs
+])
+def test_compile_decision(setting, device, images, expect):
+    from vitfood.train_loop import compile_decision
+
+    assert compile_decision(setting, device, images) == expect
+

@@ -71,8 +71,11 @@ class TrainConfig:
     # ---- model
     model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained ViT: Hub id or local checkpoint folder",
                       "model", resume=MATCH, card=True)
-    compile: bool = _opt(False, "torch.compile the model (slow start, faster steps on GPUs)", "model",
-                         resume=WARN, card=True)
+    compile: str = _opt("auto", "torch.compile each transformer block (one compilation serves them all): a slower "
+                        "start for faster steps on a GPU. auto: on a GPU for runs of at least "
+                        "100,000 training images, where the steps saved repay the compilation; off on the CPU. "
+                        "--compile alone means on", "model", resume=WARN, card=True, choices=("auto", "on", "off"),
+                        nargs="?", const="on")
     eval_only: bool = _opt(False, "no training: evaluate the trained model --model on the evaluation images of "
                            "--dataset and write the report (eval_results.json, confusion matrix) to --output-dir",
                            "model", resume=WARN, card=False)
@@ -133,6 +136,8 @@ class TrainConfig:
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)  # argparse and JSON give a list
         self.micro_batch_size = str(self.micro_batch_size)  # auto, or a number given from Python as an int
+        if isinstance(self.compile, bool):  # compile=True from Python, as the flag once was
+            self.compile = "on" if self.compile else "off"
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps")

@@ -111,7 +111,11 @@ def learning_verdict(confusion, accuracy: float, learning_rate: float) -> str | 
         sign = f"{predicted[top] / total:.0%} of the evaluation images were predicted as one class"
     else:
         return None
-    return (f"this model did not learn: {sign}. Likely causes: too few optimizer steps for the dataset (more "
-            f"--epochs, or a smaller --batch-size / --grad-accum-steps); a learning rate ({learning_rate:g}) meant "
-            "for fine-tuning a pretrained model used on a small or randomly initialised one (try 1e-3), or too "
-            "high for this one; see README.md, 'Small datasets and learning rates'")
+    if learning_rate == 0:
+        causes = "--learning-rate 0 keeps the weights as they were loaded"
+    else:
+        causes = (f"too few optimizer steps (more --epochs, or fewer images per step: --grad-accum-steps, "
+                  f"--batch-size); or the learning rate, {learning_rate:g}: the guide's 5e-5 suits fine-tuning a "
+                  "pretrained ViT, a randomly initialised or tiny model needs about 1e-3")
+    return (f"this model did not learn: {sign}. Likely causes: {causes}; see README.md, 'Small datasets and "
+            "learning rates'")

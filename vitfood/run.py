@@ -22,7 +22,7 @@ from vitfood.fileio import atomic_write_bytes, write_json
 from vitfood.logs import Console
 from vitfood.model import ViT, load_model
 from vitfood.preprocess import Preprocessing, load_preprocessing
-from vitfood.run_record import RUN_JSON, device_description, run_record
+from vitfood.run_record import RUN_JSON, Timeline, device_description, run_record
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RunContext:
     started: float  # time.time() at the start, for run.json
     resolved: dict  # run.json's "config": the flags with every 'auto' resolved, and the images used
     console: Console  # rank 0 speaks; the other ranks' console is silent
+    timeline: Timeline  # the run's phases, for run.json
 
     def say(self, message: str) -> None:
         self.console.say(message)
@@ -47,7 +48,8 @@ class RunContext:
         earlier run's record alone), and again when the run ends, however it ends."""
         if self.dist.is_main:
             ended = None if status == "running" else time.time()
-            record = run_record(self.resolved, self.started, ended, device_description(self.device))
+            record = run_record(self.resolved, self.started, ended, device_description(self.device),
+                                self.timeline.events)
             write_json(self.out_dir / RUN_JSON, {**record, "status": status})
 
     def write_bad_images(self, bad: data.BadImages) -> None:
@@ -57,6 +59,8 @@ class RunContext:
 
 def start_run(cfg: TrainConfig, training: bool) -> RunContext:
     """Flags, process group, device, precision, and the output folder checked; nothing written yet."""
+    timeline = Timeline()
+    timeline.mark("imports done")
     cfg.validate()
     hub.check_sources(cfg.model, cfg.dataset, (cfg.train_split, cfg.eval_split))  # offline: all missing pieces at once
     started = time.time()
@@ -71,7 +75,9 @@ def start_run(cfg: TrainConfig, training: bool) -> RunContext:
             checkpoint.prepare_report_dir(out_dir)
     resolved = {**asdict(cfg), "max_train_samples": cfg.train_samples(), "num_workers": workers,
                 "precision": precision, "device": str(device)}
-    return RunContext(cfg, d, device, precision, workers, out_dir, started, resolved, Console(enabled=d.is_main))
+    timeline.mark("device and output folder checked")
+    return RunContext(cfg, d, device, precision, workers, out_dir, started, resolved, Console(enabled=d.is_main),
+                      timeline)
 
 
 @dataclass
@@ -98,6 +104,7 @@ def load_inputs(ctx: RunContext, new_head: bool) -> Inputs:
     prep = load_preprocessing(model_dir, model.arch.image_size)
     model.to(ctx.device)
     ctx.resolved.update(train_images=len(splits.train), eval_images=len(splits.eval))
+    ctx.timeline.mark("dataset and model loaded")
     return Inputs(model, base_config, prep, splits)
 
 
@@ -149,6 +156,6 @@ def evaluate_only(cfg: TrainConfig) -> dict:
 
 
 def plural(n: int, word: str) -> str:
-    """plural(1, 'epoch') -> '1 epoch', plural(3, 'epoch') -> '3 epochs'."""
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+    """plural(1, 'epoch') -> '1 epoch', plural(3, 'epoch') -> '3 epochs', plural(2, 'class') -> '2 classes'."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}{'es' if word.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 

@@ -1,10 +1,13 @@
-"""run.json: what produced a model: the resolved settings, the versions, the device, the git commit, the times."""
+"""run.json: what produced a model: the resolved settings, the versions, the device, the git commit, the times,
+and the timeline of the run's phases (where a short run's time goes)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,7 +73,37 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def run_record(config: dict, started: float, ended: float | None, device: str) -> dict:
+def process_start_time() -> float:
+    """When this process started (time.time() scale): Linux's /proc, else when this module was imported.
+
+    A timeline from the process's start includes the interpreter and the imports, which are part of
+    what a user waits for."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command's name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+class Timeline:
+    """Seconds since the process started at each phase of a run: [{"at_s": 1.2, "event": "model loaded"}, ...]."""
+
+    def __init__(self):
+        self.start = process_start_time()
+        self.events: list[dict] = []
+
+    def mark(self, event: str) -> None:
+        self.events.append({"at_s": round(time.time() - self.start, 3), "event": event})
+
+
+def run_record(config: dict, started: float, ended: float | None, device: str,
+               timeline: list[dict] | None = None) -> dict:
     """run.json: enough to reproduce or audit a run. Written at the start (ended None) and at the end.
 
     `started`/`ended` are time.time() values; written as ISO 8601 UTC.
@@ -85,4 +118,5 @@ def run_record(config: dict, started: float, ended: float | None, device: str) -
         "platform": platform.platform(),
         "versions": package_versions(),
         "git": git_state(),
+        "timeline": timeline or [],
     }

@@ -46,6 +46,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         for cache in t.caches:
             cache.create()
+        t.ctx.timeline.mark("training started")
         first_epoch, steps_done = divmod(t.state.step, t.schedule.steps_per_epoch)
         if steps_done == 0 and t.state.epochs_evaluated < first_epoch:
             end_epoch(t, first_epoch - 1)  # stopped between an epoch's last step and its evaluation
@@ -93,8 +94,8 @@ class Training:
 
     ctx: RunContext
     inputs: Inputs
-    train_net: torch.nn.Module  # what a training step calls: the model, compiled and/or wrapped in DDP
-    eval_net: torch.nn.Module  # what evaluation calls: the model, compiled when asked
+    train_net: torch.nn.Module  # what a training step calls: the model, or DDP around it
+    eval_net: torch.nn.Module  # what evaluation calls: the model
     ddp: torch.nn.parallel.DistributedDataParallel | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -109,6 +110,7 @@ class Training:
     log: logs.RunLog
     stop: StopSignals
     hub_repo: str | None  # where --push-to-hub uploads, checked before training
+    steps_at_start: int  # optimizer steps done before this process started (resumed runs)
     micro: int  # images per forward/backward pass (--micro-batch-size, resolved; halved on out-of-memory)
     retry_oom: bool  # whether an out-of-memory halves `micro` and redoes the step (oom_retry_allowed)
     loss_sum: torch.Tensor  # the state's loss_sum, kept on the device: no host sync per step
@@ -143,7 +145,9 @@ def setup(cfg: TrainConfig) -> Training:
     schedule = Schedule.for_run(len(sampler), cfg)
     optimizer = build_optimizer(inputs.model, cfg.learning_rate, cfg.weight_decay, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
-    train_net, eval_net, ddp = wrap_model(ctx, inputs.model)
+    use_compile, compile_note = compile_decision(cfg.compile, ctx.device.type, cfg.epochs * len(inputs.splits.train))
+    ctx.resolved.update(compile="on" if use_compile else "off", compile_decision=compile_note)
+    train_net, eval_net, ddp = wrap_model(ctx, inputs.model, use_compile)
     micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(ctx)
     facts = run_facts(cfg, inputs.splits.label_names, inputs.model.arch.image_size, ctx.dist.world)
     state = TrainState()
@@ -156,7 +160,7 @@ def setup(cfg: TrainConfig) -> Training:
     ctx.write_record("running")
     ctx.console.start_progress(schedule.total_steps, state.step)
     return Training(ctx, inputs, train_net, eval_net, ddp, optimizer, scaler, sampler, train_loader, evals, caches,
-                    schedule, state, facts, bad, log, StopSignals(), hub_repo, micro, oom_retry_allowed(ctx),
+                    schedule, state, facts, bad, log, StopSignals(), hub_repo, state.step, micro, oom_retry_allowed(ctx),
                     torch.tensor(state.loss_sum, device=ctx.device), time.perf_counter())
 
 
@@ -192,17 +196,43 @@ def cache_folder(ctx: RunContext):
     return ctx.out_dir / "decoded-images" / f"rank-{ctx.dist.rank}"
 
 
-def wrap_model(ctx: RunContext, model) -> tuple[torch.nn.Module, torch.nn.Module, object]:
-    """(train_net, eval_net, ddp): the model as the training step and evaluation call it."""
-    eval_net = torch.compile(model) if ctx.cfg.compile else model
+AUTO_COMPILE_MIN_IMAGES = 100_000  # a prediction from the H200 figures, unmeasured: see benchmarks/RESULTS.md
+
+
+def compile_decision(setting: str, device_type: str, train_images: int) -> tuple[bool, str]:
+    """Whether to compile, and why (for run.json): --compile on/off, or auto.
+
+    auto compiles on a GPU when the run is long enough to repay the compilation: an eager step of
+    ViT-B/16 is launch-bound, so compiling saves a share of every step, but costs seconds to tens of
+    seconds up front. On the CPU the kernels themselves are the cost and compiling saves little.
+    """
+    if setting != "auto":
+        return setting == "on", setting
+    if device_type != "cuda":
+        return False, "off (auto: not on the CPU)"
+    if train_images < AUTO_COMPILE_MIN_IMAGES:
+        return False, f"off (auto: {train_images:,} training images are fewer than {AUTO_COMPILE_MIN_IMAGES:,})"
+    return True, f"on (auto: {train_images:,} training images)"
+
+
+def wrap_model(ctx: RunContext, model, use_compile: bool) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    """(train_net, eval_net, ddp): the model as the training step and evaluation call it.
+
+    Compiled block by block, in place: the blocks are identical, so one compilation serves all of them
+    (a fraction of a whole-model compilation's time), and the parameters keep their names.
+    """
+    if use_compile:
+        for block in model.blocks:
+            block.compile()
     if ctx.dist.world == 1:
-        return eval_net, eval_net, None
+        return model, model, None
     from torch.nn.parallel import DistributedDataParallel
 
     device = ctx.device
+    # The compiled blocks sit inside DDP, whose gradient hooks stay on the parameters: the all-reduce
+    # still overlaps the backward pass.
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # Compiled around DDP, not inside it: DDP then overlaps the all-reduce with the backward pass.
-    return (torch.compile(ddp) if ctx.cfg.compile else ddp), eval_net, ddp
+    return ddp, model, ddp
 
 
 def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> TrainState:
@@ -366,6 +396,8 @@ def after_step(t: Training, lr: float, grad_norm, seen: int, epoch_done: bool) -
     step = t.state.step
     t.state.samples_since_log += seen
     t.ctx.console.advance()
+    if step == t.steps_at_start + 1:
+        t.ctx.timeline.mark("first optimizer step done (with any compilation)")
     if step % t.cfg.logging_steps == 0 or step == t.schedule.total_steps:
         log_train(t, lr, grad_norm)
     if t.stop.requested(t.ctx.dist, t.ctx.device):
@@ -400,11 +432,13 @@ def end_epoch(t: Training, epoch: int) -> None:
     t.log.write({"type": "eval", **{k: v for k, v in results.items() if k != "per_class_accuracy"},
                  "images_per_s": round(results["eval_samples"] / (time.perf_counter() - started), 2)})
     state.epochs_evaluated = epoch + 1
+    ctx.timeline.mark(f"epoch {epoch + 1} evaluated")
     if state.best is None or results["eval_accuracy"] > state.best["eval_accuracy"]:
         state.best, state.best_step = results, state.step
         if ctx.dist.is_main:
             checkpoint.save_best(ctx.out_dir, inputs.model, inputs.base_config, inputs.prep.to_hf_dict(), results)
             report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, inputs.splits.label_names)
+            ctx.timeline.mark("best model saved")
     ctx.write_bad_images(t.bad)
     save_checkpoint(t)
     t.t_log = time.perf_counter()  # evaluation time is not training throughput
@@ -421,6 +455,7 @@ def save_checkpoint(t: Training):
         path = checkpoint.save_training_state(ctx.out_dir, state.step, t.model, t.inputs.base_config,
                                               t.inputs.prep.to_hf_dict(), t.optimizer.state_dict(),
                                               tensor_rng_state(ctx.device), saved, t.cfg.save_total_limit)
+        ctx.timeline.mark(f"checkpoint {path.name} saved")
     barrier(ctx.dist)
     return path
 
@@ -452,6 +487,8 @@ def finish(t: Training) -> dict:
         card = model_card(ctx.resolved, best, labels, t.cfg.model, t.cfg.dataset, repo_id=t.hub_repo,
                           files=[Path(p).name for p in pictures], warning=verdict)
         atomic_write_bytes(ctx.out_dir / MODEL_CARD, card.encode())
+        ctx.timeline.mark("report and model card written")
+        ctx.write_record("finished")  # again, with the report in the timeline
     bad = f"; {plural(len(t.bad.found), 'unreadable image')} skipped, see {ctx.out_dir / checkpoint.BAD_IMAGES}" \
         if t.bad.found else ""
     ctx.say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); model saved to "
