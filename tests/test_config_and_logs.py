@@ -150,3 +150,10 @@ def test_compile_decision(setting, device, images, expect):
 
     assert compile_decision(setting, device, images) == expect
 
+
+
+def test_counts_read_right():
+    from vitfood.run import plural
+
+    assert [plural(1, "epoch"), plural(3, "epoch"), plural(2, "class", "classes"), plural(1, "class", "classes"),
+            plural(1200, "image")] == ["1 epoch", "3 epochs", "2 classes", "1 class", "1,200 images"]

@@ -155,7 +155,7 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     return results
 
 
-def plural(n: int, word: str) -> str:
-    """plural(1, 'epoch') -> '1 epoch', plural(3, 'epoch') -> '3 epochs', plural(2, 'class') -> '2 classes'."""
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}{'es' if word.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """plural(1, 'epoch') -> '1 epoch', plural(3, 'epoch') -> '3 epochs', plural(2, 'class', 'classes')."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {words or word + 's'}"
 

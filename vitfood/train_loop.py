@@ -271,7 +271,7 @@ def first_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: 
     cfg, d, splits = ctx.cfg, ctx.dist, inputs.splits
     per_step = cfg.batch_size * cfg.grad_accum_steps * d.world
     return (f"vitfood: {len(splits.train):,} training / {len(splits.eval):,} evaluation images "
-            f"({selection_note(ctx, splits)}), {plural(len(splits.label_names), 'class')}; "
+            f"({selection_note(ctx, splits)}), {plural(len(splits.label_names), 'class', 'classes')}; "
             f"{plural(cfg.epochs, 'epoch')} x {plural(schedule.steps_per_epoch, 'optimizer step')} of "
             f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {d.world} process(es) = {per_step} images, "
             f"computed {min(micro, cfg.batch_size * cfg.grad_accum_steps)} at a time; "
