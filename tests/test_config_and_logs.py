@@ -146,7 +146,7 @@ def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path)
     ("auto", "cuda", 227_250, (True, "on (auto: 227,250 training images)")),  # Food-101's train split, 3 epochs
 ])
 def test_compile_decision(setting, device, images, expect):
-    from vitfood.train_loop import compile_decision
+    from vitfood.execution import compile_decision
 
     assert compile_decision(setting, device, images) == expect
 

@@ -71,8 +71,8 @@ def test_an_out_of_memory_halves_the_pass_and_the_run_goes_on(backbone_dir, tmp_
         return real(t, pixels, labels, sync_gradients)
 
     monkeypatch.setattr(train_loop, "forward_backward", small_gpu)
-    monkeypatch.setattr(train_loop, "resolve_micro_batch", lambda ctx: 16)  # auto on one GPU: the whole step
-    monkeypatch.setattr(train_loop, "oom_retry_allowed", lambda ctx: True)
+    monkeypatch.setattr(train_loop, "resolve_micro_batch", lambda *settings: 16)  # auto on one GPU: the whole step
+    monkeypatch.setattr(train_loop, "oom_retry_allowed", lambda device, world: True)
     retried = train(config(backbone_dir, folder, tmp_path / "b", batch_size=4, grad_accum_steps=4, test_size=1 / 3))
     said = capsys.readouterr().err
     assert "out of GPU memory: computing 8 images at a time" in said and "computing 4 images at a time" in said

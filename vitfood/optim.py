@@ -1,8 +1,9 @@
-"""The optimizer and the learning-rate schedule."""
+"""The optimizer and the learning-rate schedule: how long a run is in optimizer steps, and the rate at each."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -34,3 +35,30 @@ def build_optimizer(model: ViT, lr: float, weight_decay: float, device: torch.de
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused CUDA kernel updates every parameter in a few launches instead of several per tensor.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in micro-batches and optimizer steps, and the learning rate at each step."""
+
+    micro_per_epoch: int  # micro-batches per epoch, per process
+    grad_accum_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+
+    @classmethod
+    def for_run(cls, micro_per_epoch: int, cfg) -> Schedule:
+        """`cfg`: the TrainConfig (epochs, grad_accum_steps, warmup_ratio, learning_rate)."""
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+        total = cfg.epochs * steps_per_epoch
+        return cls(micro_per_epoch, cfg.grad_accum_steps, steps_per_epoch, total,
+                   warmup_steps_for(total, cfg.warmup_ratio), cfg.learning_rate)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.base_lr, self.warmup_steps, self.total_steps)
+
+    def closes_step(self, micro: int) -> bool:
+        """Whether micro-batch `micro` of an epoch is the last of its optimizer step (an epoch's tail may be short)."""
+        return (micro + 1) % self.grad_accum_steps == 0 or micro + 1 == self.micro_per_epoch

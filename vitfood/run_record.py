@@ -77,14 +77,15 @@ def process_start_time() -> float:
     """When this process started (time.time() scale): Linux's /proc, else when this module was imported.
 
     A timeline from the process's start includes the interpreter and the imports, which are part of
-    what a user waits for."""
+    what a user waits for. (/proc/uptime, not /proc/stat's boot time, which is whole seconds.)
+    """
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command's name
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return _IMPORTED
 
 

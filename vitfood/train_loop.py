@@ -13,7 +13,6 @@ step and goes into every checkpoint.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from contextlib import nullcontext, suppress
@@ -28,9 +27,10 @@ from vitfood.config import TrainConfig
 from vitfood.distributed import all_reduce_sum, autocast, barrier, usable_cores
 from vitfood.errors import VitfoodError
 from vitfood.evaluation import evaluate, learning_verdict
+from vitfood.execution import compile_decision, oom_retry_allowed, resolve_micro_batch, wrap_model
 from vitfood.fileio import atomic_write_bytes
 from vitfood.model_card import MODEL_CARD, model_card
-from vitfood.optim import build_optimizer, lr_at, warmup_steps_for
+from vitfood.optim import Schedule, build_optimizer
 from vitfood.preprocess import training_pixels_cap
 from vitfood.resume import (StopSignals, TrainingInterrupted, TrainState, check_resume, host_rng_state, run_facts,
                             set_rng_state, tensor_rng_state)
@@ -60,32 +60,6 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         close(t, status)
     return finish(t)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The run's length in micro-batches and optimizer steps, and the learning rate at each step."""
-
-    micro_per_epoch: int  # micro-batches per epoch, per process
-    grad_accum_steps: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    base_lr: float
-
-    @classmethod
-    def for_run(cls, micro_per_epoch: int, cfg: TrainConfig) -> Schedule:
-        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
-        total = cfg.epochs * steps_per_epoch
-        return cls(micro_per_epoch, cfg.grad_accum_steps, steps_per_epoch, total,
-                   warmup_steps_for(total, cfg.warmup_ratio), cfg.learning_rate)
-
-    def lr(self, step: int) -> float:
-        return lr_at(step, self.base_lr, self.warmup_steps, self.total_steps)
-
-    def closes_step(self, micro: int) -> bool:
-        """Whether micro-batch `micro` of an epoch is the last of its optimizer step (an epoch's tail may be short)."""
-        return (micro + 1) % self.grad_accum_steps == 0 or micro + 1 == self.micro_per_epoch
 
 
 @dataclass
@@ -147,8 +121,9 @@ def setup(cfg: TrainConfig) -> Training:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
     use_compile, compile_note = compile_decision(cfg.compile, ctx.device.type, cfg.epochs * len(inputs.splits.train))
     ctx.resolved.update(compile="on" if use_compile else "off", compile_decision=compile_note)
-    train_net, eval_net, ddp = wrap_model(ctx, inputs.model, use_compile)
-    micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(ctx)
+    train_net, eval_net, ddp = wrap_model(inputs.model, use_compile, ctx.device, ctx.dist.world)
+    micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size,
+                                                                   cfg.grad_accum_steps, ctx.device, ctx.dist.world)
     facts = run_facts(cfg, inputs.splits.label_names, inputs.model.arch.image_size, ctx.dist.world)
     state = TrainState()
     if cfg.resume_from_checkpoint is not None:
@@ -160,7 +135,7 @@ def setup(cfg: TrainConfig) -> Training:
     ctx.write_record("running")
     ctx.console.start_progress(schedule.total_steps, state.step)
     return Training(ctx, inputs, train_net, eval_net, ddp, optimizer, scaler, sampler, train_loader, evals, caches,
-                    schedule, state, facts, bad, log, StopSignals(), hub_repo, state.step, micro, oom_retry_allowed(ctx),
+                    schedule, state, facts, bad, log, StopSignals(), hub_repo, state.step, micro, oom_retry_allowed(ctx.device, ctx.dist.world),
                     torch.tensor(state.loss_sum, device=ctx.device), time.perf_counter())
 
 
@@ -196,45 +171,6 @@ def cache_folder(ctx: RunContext):
     return ctx.out_dir / "decoded-images" / f"rank-{ctx.dist.rank}"
 
 
-AUTO_COMPILE_MIN_IMAGES = 100_000  # a prediction from the H200 figures, unmeasured: see benchmarks/RESULTS.md
-
-
-def compile_decision(setting: str, device_type: str, train_images: int) -> tuple[bool, str]:
-    """Whether to compile, and why (for run.json): --compile on/off, or auto.
-
-    auto compiles on a GPU when the run is long enough to repay the compilation: an eager step of
-    ViT-B/16 is launch-bound, so compiling saves a share of every step, but costs seconds to tens of
-    seconds up front. On the CPU the kernels themselves are the cost and compiling saves little.
-    """
-    if setting != "auto":
-        return setting == "on", setting
-    if device_type != "cuda":
-        return False, "off (auto: not on the CPU)"
-    if train_images < AUTO_COMPILE_MIN_IMAGES:
-        return False, f"off (auto: {train_images:,} training images are fewer than {AUTO_COMPILE_MIN_IMAGES:,})"
-    return True, f"on (auto: {train_images:,} training images)"
-
-
-def wrap_model(ctx: RunContext, model, use_compile: bool) -> tuple[torch.nn.Module, torch.nn.Module, object]:
-    """(train_net, eval_net, ddp): the model as the training step and evaluation call it.
-
-    Compiled block by block, in place: the blocks are identical, so one compilation serves all of them
-    (a fraction of a whole-model compilation's time), and the parameters keep their names.
-    """
-    if use_compile:
-        for block in model.blocks:
-            block.compile()
-    if ctx.dist.world == 1:
-        return model, model, None
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = ctx.device
-    # The compiled blocks sit inside DDP, whose gradient hooks stay on the parameters: the all-reduce
-    # still overlaps the backward pass.
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, model, ddp
-
-
 def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> TrainState:
     """Continue from a checkpoint: weights, optimizer, loss scaler, RNGs and the run's state."""
     ckpt = checkpoint.find_checkpoint(ctx.out_dir, ctx.cfg.resume_from_checkpoint)
@@ -247,24 +183,6 @@ def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> 
     state = TrainState.from_dict(saved["run"])
     ctx.say(f"vitfood: resuming from {ckpt} at optimizer step {state.step}")
     return state
-
-
-def resolve_micro_batch(ctx: RunContext) -> int:
-    """--micro-batch-size as images per pass. auto: the whole optimizer step on one GPU, where an eager
-    step of 16 images is bound by Python launching kernels, not by the GPU (27 ms for 16 images, 33 ms
-    for 64 on an H200); --batch-size elsewhere: a CPU gains nothing from bigger passes, and under
-    torchrun an out-of-memory retry on one rank would leave the others waiting in DDP's all-reduce."""
-    cfg = ctx.cfg
-    if cfg.micro_batch_size != "auto":
-        return int(cfg.micro_batch_size)
-    if ctx.device.type == "cuda" and ctx.dist.world == 1:
-        return cfg.batch_size * cfg.grad_accum_steps
-    return cfg.batch_size
-
-
-def oom_retry_allowed(ctx: RunContext) -> bool:
-    """On one GPU; not under torchrun, where the other ranks would wait for the failed one in DDP's all-reduce."""
-    return ctx.device.type == "cuda" and ctx.dist.world == 1
 
 
 def first_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str, micro: int) -> str:
