@@ -132,13 +132,15 @@ def versions() -> dict:
     return out
 
 
-def timed_run(cmd: list[str], log: Path | None = None, env: dict | None = None) -> tuple[float, str]:
-    """(wall seconds, stdout) of a command run as a new process from the repository root; a failure exits."""
+def timed_run(cmd: list[str], log: Path | None = None, env: dict | None = None,
+              cwd: Path | None = None) -> tuple[float, str]:
+    """(wall seconds, stdout) of a command run as a new process from `cwd` (default: the repository root);
+    a failure exits."""
     import subprocess
     import time
 
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd or ROOT)
     seconds = time.perf_counter() - t
     if log is not None:
         log.write_text(r.stdout + r.stderr)
