@@ -43,6 +43,7 @@ if [ "$part" = compute ] || [ "$part" = all ]; then
     --steps 10 $J
   python3 benchmarks/bench_infer.py gpu --batch-size 256 $J
   python3 benchmarks/bench_infer.py gpu --batch-size 256 --compile $J
+  python3 benchmarks/bench_infer.py folder --images 5120 --batch-size 256 $J  # infer.py FOLDER: GPU path, CPU path, pipeline
 fi
 
 if [ "$part" = e2e ] || [ "$part" = all ]; then

@@ -1,6 +1,7 @@
 """Inference: the minimal argmax `predict`, `classify`, which returns the pipeline's top-k format,
 and what infer.py needs for many inputs: `expand_inputs` (folders, globs, URLs) and `classify_stream`
 (batches, decoded by a few threads while the model runs, one result per input, in input order).
+With a GPU decoder (`vitfood.gpu_decode`) the stream decodes JPEGs in batches on the GPU instead.
 
 Imports neither transformers, datasets nor torchvision, so a cold `python infer.py photo.jpg`
 costs little more than importing torch.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitfood import gpu_decode  # no torchvision: that comes with a decoder, made only for the GPU path
 from vitfood.distributed import autocast, usable_cores
 from vitfood.errors import VitfoodError
 from vitfood.hub import resolve_model_dir
@@ -46,10 +48,14 @@ class Classifier:
         """Decode and resize one image (path, bytes or PIL image) -> uint8 [H, W, 3]. Thread-safe."""
         return self.prep.eval_resize(load_rgb(image))
 
-    @torch.no_grad()
     def logits_of_pixels(self, pixels: np.ndarray, precision: str = "fp32") -> torch.Tensor:
         """uint8 [N, H, W, 3] from `pixels` -> float32 logits [N, classes]; bf16/fp16 run under autocast."""
-        x = self.prep.normalize(torch.from_numpy(pixels).to(self.device))
+        return self.logits_of_batch(torch.from_numpy(pixels), precision)
+
+    @torch.no_grad()
+    def logits_of_batch(self, batch: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """uint8 [N, H, W, 3] on any device (the GPU decoder's are on the model's already) -> float32 logits."""
+        x = self.prep.normalize(batch.to(self.device))
         with autocast(self.device, precision):
             return self.model(x).float()
 
@@ -246,45 +252,169 @@ class _DecodePool:
             self._jobs.put(None)
 
 
+def compile_model(clf: Classifier) -> None:
+    """torch.compile the model's blocks in place, as train.py does: one compilation serves all of them.
+    Seconds up front (and once more for the first batch of another size), for faster batches on a GPU."""
+    for block in clf.model.blocks:
+        block.compile()
+
+
+def _collect(batch: list, jobs: list) -> tuple[list[Result], dict[int, object]]:
+    """A batch's read-ahead jobs -> a Result per entry (errors filled in) and {entry: what its job gave}."""
+    results: list[Result] = []
+    ready: dict[int, object] = {}
+    for entry, job in zip(batch, jobs):
+        if isinstance(job, NoImagesError):
+            results.append(Result(job.arg, error=job))
+            continue
+        try:
+            ready[len(results)] = job.result()
+            results.append(Result(entry))
+        except BadImageError as e:
+            results.append(Result(entry, error=e))
+    return results, ready
+
+
+def _cancel(jobs) -> None:
+    for job in jobs:
+        if isinstance(job, Future):
+            job.cancel()
+
+
+# classify_stream's two ways of turning a batch of inputs into pixels. start(batch) sets its reading and decoding
+# going (called a batch ahead); finish(batch, started) -> (a Result per entry, the entries with pixels, their
+# uint8 [N, H, W, 3] pixels); cancel(started) drops what has not begun; close() ends their own threads.
+
+
+class _PilBatches:
+    """The CPU path: every image read, decoded and resized by PIL in the pool's threads, on its own."""
+
+    def __init__(self, clf: Classifier, pool: _DecodePool, timeout: float):
+        self.clf, self.pool, self.timeout = clf, pool, timeout
+
+    def start(self, batch: list) -> list[Future | NoImagesError]:
+        return [x if isinstance(x, NoImagesError) else self.pool.submit(decode_source, self.clf, x, self.timeout)
+                for x in batch]
+
+    def finish(self, batch: list, jobs: list) -> tuple[list[Result], list[int], torch.Tensor | None]:
+        results, ready = _collect(batch, jobs)
+        return results, list(ready), torch.from_numpy(np.stack(list(ready.values()))) if ready else None
+
+    def cancel(self, jobs: list) -> None:
+        _cancel(jobs)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Jpeg:
+    """A file the GPU decoder takes: its bytes, and what it will decode to (for sizing the decoder's calls)."""
+
+    source: str
+    data: torch.Tensor  # uint8 [bytes] on the CPU
+    pixels: int
+
+
+def _read_ahead(clf: Classifier, source: str, timeout: float):
+    """A pool job of the GPU path: a JPEG the GPU takes -> its bytes; any other input -> its pixels, decoded
+    here by the CPU path (or its BadImageError)."""
+    if not is_url(source) and (data := gpu_decode.read_jpeg(source)) is not None:
+        route = gpu_decode.route(data)
+        if route.where == "gpu":
+            return _Jpeg(source, torch.frombuffer(data, dtype=torch.uint8), route.pixels)
+    return decode_source(clf, source, timeout)
+
+
+class _GpuBatches:
+    """The GPU path: the pool's threads read each file and route it; JPEGs the GPU takes are decoded and
+    resized in batches by `decoder` on one thread of its own, so batch k+1 is decoded while the model
+    runs batch k; the others are decoded by the CPU path in the pool's threads, as in `_PilBatches`."""
+
+    def __init__(self, clf: Classifier, pool: _DecodePool, timeout: float, decoder):
+        self.clf, self.pool, self.timeout, self.decoder = clf, pool, timeout, decoder
+        self.gpu = _DecodePool(1)
+
+    def start(self, batch: list) -> tuple[list, Future]:
+        jobs = [x if isinstance(x, NoImagesError) else self.pool.submit(_read_ahead, self.clf, x, self.timeout)
+                for x in batch]
+        return jobs, self.gpu.submit(self._assemble, batch, jobs)
+
+    def finish(self, batch: list, started: tuple[list, Future]):
+        return started[1].result()
+
+    def cancel(self, started: tuple[list, Future]) -> None:
+        _cancel([*started[0], started[1]])
+
+    def close(self) -> None:
+        self.gpu.close()
+
+    def _assemble(self, batch: list, jobs: list) -> tuple[list[Result], list[int], torch.Tensor | None]:
+        """On the decoder's thread: the batch's Results and its good images' pixels, on the model's device."""
+        results, ready = _collect(batch, jobs)
+        jpegs = [i for i, v in ready.items() if isinstance(v, _Jpeg)]
+        for chunk in gpu_decode.chunks_by_pixels([ready[i].pixels for i in jpegs]):
+            rows = [jpegs[k] for k in chunk]
+            sources = [ready[i].source for i in rows]
+            decoded = gpu_decode.decode_each(self.decoder, [ready[i].data for i in rows],
+                                             lambda k: self._on_cpu(sources[k]))
+            for i, pixels in zip(rows, decoded):
+                if isinstance(pixels, BadImageError):
+                    results[i].error = pixels
+                    del ready[i]
+                else:
+                    ready[i] = pixels
+        if not ready:
+            return results, [], None
+        return results, list(ready), self._stack(list(ready.values()))
+
+    def _on_cpu(self, source: str):
+        """The CPU path for a JPEG the GPU decoder refused: its pixels, or the BadImageError naming it."""
+        try:
+            return decode_source(self.clf, source, self.timeout)
+        except BadImageError as e:
+            return e
+
+    def _stack(self, rows: list) -> torch.Tensor:
+        """Device tensors and CPU-decoded arrays (uint8 [H, W, 3]) -> one uint8 batch on the device, in order;
+        the arrays travel to the device together."""
+        on_cpu = [k for k, r in enumerate(rows) if isinstance(r, np.ndarray)]
+        if on_cpu:
+            moved = torch.from_numpy(np.stack([rows[k] for k in on_cpu])).to(self.clf.device)
+            for k, pixels in zip(on_cpu, moved):
+                rows[k] = pixels
+        return torch.stack(rows)
+
+
 def classify_stream(clf: Classifier, inputs: list[str | NoImagesError], top_k: int = 5, batch_size: int = 32,
                     timeout: float = 30.0, precision: str = "fp32",
-                    threads: int | None = None) -> Iterator[Result]:
+                    threads: int | None = None, decoder=None) -> Iterator[Result]:
     """Classify `expand_inputs`' list in batches -> one Result per entry, in order.
 
     Every image is read and decoded on its own, so a bad one costs only its own Result; the good
     ones of a batch go through the model together. The next batch is decoded while this one runs,
     so at most two batches of pixels are held.
+
+    `decoder` (`vitfood.gpu_decode.TorchJpegDecoder` or a stand-in): JPEGs that `gpu_decode.route` sends
+    to the GPU are decoded and resized by it, a batch at a time; None: every image by PIL.
     """
     batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     pool = _DecodePool(threads or decode_threads())
-
-    def submit(batch: list) -> list[Future | NoImagesError]:
-        return [x if isinstance(x, NoImagesError) else pool.submit(decode_source, clf, x, timeout) for x in batch]
-
-    current: list = []
-    pending: list = []
+    stage = _PilBatches(clf, pool, timeout) if decoder is None else _GpuBatches(clf, pool, timeout, decoder)
+    current = pending = None
     try:
-        pending = submit(batches[0]) if batches else []
+        pending = stage.start(batches[0]) if batches else None
         for k, batch in enumerate(batches):
-            current, pending = pending, submit(batches[k + 1]) if k + 1 < len(batches) else []
-            results, good, pixels = [], [], []
-            for entry, job in zip(batch, current):
-                if isinstance(job, NoImagesError):
-                    results.append(Result(job.arg, error=job))
-                    continue
-                try:
-                    pixels.append(job.result())
-                    good.append(len(results))
-                    results.append(Result(entry))
-                except BadImageError as e:
-                    results.append(Result(entry, error=e))
-            if pixels:
-                logits = clf.logits_of_pixels(np.stack(pixels), precision)
+            current, pending = pending, stage.start(batches[k + 1]) if k + 1 < len(batches) else None
+            results, good, pixels = stage.finish(batch, current)
+            if good:
+                logits = clf.logits_of_batch(pixels, precision)
                 for i, preds in zip(good, topk_predictions(logits, clf.labels, top_k)):
                     results[i].predictions = preds
             yield from results
     finally:  # also on an early exit (Ctrl-C, a closed pipe): skip what is still queued
-        for job in current + pending:
-            if isinstance(job, Future):
-                job.cancel()
+        for started in (current, pending):
+            if started:
+                stage.cancel(started)
+        stage.close()
         pool.close()
