@@ -157,3 +157,29 @@ def test_counts_read_right():
 
     assert [plural(1, "epoch"), plural(3, "epoch"), plural(2, "class", "classes"), plural(1, "class", "classes"),
             plural(1200, "image")] == ["1 epoch", "3 epochs", "2 classes", "1 class", "1,200 images"]
+
+
+def test_a_checkpoint_of_the_version_before_crop_scale_and_micro_batches_resumes(tmp_path):
+    # What b3f074c saved: no crop_scale in the setup; compile a bool; no micro_batch_size in the config.
+    from dataclasses import asdict
+
+    from vitfood.resume import check_resume, run_facts
+
+    cfg = TrainConfig(dataset="./photos")
+    facts = run_facts(cfg, ["a", "b"], 224, 1)
+    old_setup = {k: v for k, v in facts.items() if k != "crop_scale"}
+    old_config = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "micro_batch_size"}
+    old_config["compile"] = False
+    said = []
+    check_resume({"setup": old_setup, "config": old_config}, facts, cfg, said.append, tmp_path)
+    assert said == []  # the same run: nothing refused, nothing changed
+    with pytest.raises(Exception, match="differs in crop_scale"):
+        check_resume({"setup": old_setup, "config": old_config}, run_facts(
+            TrainConfig(dataset="./photos", crop_scale=(0.5, 1.0)), ["a", "b"], 224, 1), cfg, said.append, tmp_path)
+
+
+def test_choices_are_checked_from_python_too():
+    from vitfood.errors import VitfoodError
+
+    with pytest.raises(VitfoodError, match="--compile must be one of auto, on, off, got 'yes'"):
+        TrainConfig(compile="yes").validate()

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from vitfood.errors import VitfoodError
+from vitfood.errors import VitfoodError, first_line
 
 
 def exit_now(code: int) -> None:
@@ -60,6 +60,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except VitfoodError as e:
         print(f"{_prog('train.py')}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:  # out of GPU memory where no retry is possible: one line, not a traceback
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"{_prog('train.py')}: error: out of GPU memory ({first_line(e, 120)}); use a smaller "
+              "--micro-batch-size, --batch-size or --eval-batch-size", file=sys.stderr)
+        return EXIT_USAGE
     except TrainingInterrupted as e:
         print(f"{_prog('train.py')}: {e} after saving {e.checkpoint_dir}; to continue exactly where it stopped, run the "
               f"same command with --resume-from-checkpoint", file=sys.stderr)
@@ -101,8 +107,8 @@ def infer_main(argv: list[str] | None = None) -> int:
                              "(other images, and JPEGs it cannot take, by PIL on the CPU); cpu: all by PIL, as "
                              "transformers' pipeline does; auto: gpu when the model runs on a CUDA GPU")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model: some seconds up front, then faster batches on a GPU "
-                             "(for large folders)")
+                        help="torch.compile the model's blocks (one compilation serves all of them): some seconds "
+                             "up front, then faster batches on a GPU (for large folders)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")

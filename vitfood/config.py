@@ -82,9 +82,11 @@ class TrainConfig:
 
     # ---- optimisation
     epochs: int = _opt(3, "training epochs", "optimisation", resume=WARN, card=True)
-    batch_size: int = _opt(16, "training images per micro-batch (per device)", "optimisation", resume=MATCH, card=True)
+    batch_size: int = _opt(16, "training images per batch (per device); x --grad-accum-steps = the optimizer step",
+                           "optimisation", resume=MATCH, card=True)
     eval_batch_size: int = _opt(16, "evaluation images per batch (per device)", "optimisation", resume=WARN, card=True)
-    grad_accum_steps: int = _opt(4, "micro-batches per optimizer step", "optimisation", resume=MATCH, card=True)
+    grad_accum_steps: int = _opt(4, "batches per optimizer step (gradient accumulation)", "optimisation",
+                                 resume=MATCH, card=True)
     micro_batch_size: str = _opt("auto", "images per forward and backward pass. Each optimizer step still averages "
                                  "over --batch-size x --grad-accum-steps images; this only says how many of them "
                                  "the device computes at once. auto: on one GPU the whole step, halved whenever "
@@ -140,6 +142,10 @@ class TrainConfig:
             self.compile = "on" if self.compile else "off"
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # argparse checks choices; TrainConfig(...) from Python must too
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                raise VitfoodError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -182,10 +188,13 @@ def fields_where(key: str, value) -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata[key] == value]
 
 
+RUN_FACTS_ON_THE_CARD = ("train_images", "eval_images")  # run.json's config also holds e.g. compile_decision
+
+
 def is_hyperparameter(name: str) -> bool:
-    """For the model card's table: a field marked card=True, or a fact of the run (e.g. the images used)."""
+    """For the model card's table: a field marked card=True, or the images the run actually used."""
     meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
-    return meta[name]["card"] if name in meta else True
+    return meta[name]["card"] if name in meta else name in RUN_FACTS_ON_THE_CARD
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):

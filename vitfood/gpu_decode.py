@@ -2,8 +2,8 @@
 and resized there with the checkpoint's filter.
 
 - `route`: which files the GPU may take. Pure: it reads only the JPEG's header (and its last two bytes).
-  The GPU gets a file only when the header says for certain that PIL would decode it to the same
-  picture; everything else (PNG, WebP, progressive, greyscale or CMYK JPEGs, EXIF-rotated photos,
+  The GPU gets a file only when its header shows nothing that PIL would show differently (rotation,
+  colour model, progressive coding; nvJPEG's own rounding against libjpeg's is unmeasured); everything else (PNG, WebP, progressive, greyscale or CMYK JPEGs, EXIF-rotated photos,
   truncated or corrupt files) goes to the CPU path, which decodes it as it always has, or names the
   file in its error.
 - `TorchJpegDecoder`: the "decoder" the stream calls, a batch of JPEG bytes in, the model's uint8
@@ -194,15 +194,6 @@ _TORCH_MODE = {
 DECODE_PIXELS_PER_CALL = 128 * 2**20  # a decoder call holds 3 bytes a pixel decoded, 12 while resizing
 
 
-def resize_box(prep: Preprocessing, width: int, height: int) -> tuple[int, int, int, int]:
-    """(resized width, resized height, crop left, crop top) of `Preprocessing.eval_resize` for a picture."""
-    if prep.shortest_edge is None:
-        return prep.width, prep.height, 0, 0
-    s = prep.shortest_edge / min(width, height)
-    rw, rh = max(1, round(width * s)), max(1, round(height * s))
-    return rw, rh, (rw - prep.width) // 2, (rh - prep.height) // 2
-
-
 def _resample(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
     """float [N, 3, h, w] holding 8-bit values -> [N, 3, height, width], rounded to 8-bit values.
 
@@ -230,7 +221,7 @@ def resize_to_model(images: Sequence[torch.Tensor], prep: Preprocessing) -> torc
         by_size[tuple(im.shape)].append(i)
     mode = _TORCH_MODE[Image.Resampling(prep.resample)]
     for (_, h, w), rows in by_size.items():
-        rw, rh, left, top = resize_box(prep, w, h)
+        rw, rh, left, top = prep.resize_box(w, h)
         x = _resample(torch.stack([images[i] for i in rows]).float(), rh, rw, mode)
         # The centre crop of a shortest_edge resize; negative padding crops, positive fills with black as PIL's crop.
         x = F.pad(x, (-left, left + prep.width - rw, -top, top + prep.height - rh))

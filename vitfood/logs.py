@@ -36,8 +36,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     """On resume: drop the log lines a killed run wrote after its checkpoint, so none is doubled."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run, cut short: after the checkpoint anyway
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_bytes(path, "".join(kept).encode())
 
 

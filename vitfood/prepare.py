@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except VitfoodError as e:
         print(f"{_prog('prepare.py')}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the output folder: not writable, a full disk (a partial folder is never left)
+        print(f"{_prog('prepare.py')}: error: --output-dir {args.output_dir}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{_prog('prepare.py')}: interrupted; nothing half-written was left in {args.output_dir}", file=sys.stderr)
         return 130

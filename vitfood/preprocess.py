@@ -92,16 +92,21 @@ class Preprocessing:
 
     # -- on the worker: PIL image -> uint8 HWC array of the model's size
 
+    def resize_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized width, resized height, crop left, crop top) for a picture of that size, as the
+        checkpoint's image processor: straight to the model's size, or its shortest edge then a centre
+        crop. The CPU path (eval_resize) and the GPU path (gpu_decode) both resize by it."""
+        if self.shortest_edge is None:
+            return self.width, self.height, 0, 0
+        s = self.shortest_edge / min(width, height)
+        rw, rh = max(1, round(width * s)), max(1, round(height * s))
+        return rw, rh, (rw - self.width) // 2, (rh - self.height) // 2
+
     def eval_resize(self, img: Image.Image) -> np.ndarray:
         """Deterministic: resize to the model's size, exactly as the checkpoint's image processor."""
-        if self.shortest_edge is None:
-            out = img.resize((self.width, self.height), self.resample)
-        else:
-            w, h = img.size
-            s = self.shortest_edge / min(w, h)
-            rw, rh = max(1, round(w * s)), max(1, round(h * s))
-            out = img.resize((rw, rh), self.resample)
-            left, top = (rw - self.width) // 2, (rh - self.height) // 2
+        rw, rh, left, top = self.resize_box(*img.size)
+        out = img.resize((rw, rh), self.resample)
+        if (rw, rh) != (self.width, self.height):
             out = out.crop((left, top, left + self.width, top + self.height))
         return np.asarray(out, dtype=np.uint8)
 

@@ -59,15 +59,28 @@ def _as_saved(values: dict) -> dict:
 
 def check_resume(saved: dict, facts: dict, cfg: TrainConfig, say, ckpt: Path) -> None:
     """Refuse a resume that would not continue the same run; warn when it continues a changed one."""
-    differ = [f"{k}: {saved['setup'].get(k)!r} then, {v!r} now" for k, v in facts.items() if saved["setup"].get(k) != v]
+    setup, config = _as_saved_then(saved)
+    differ = [f"{k}: {setup.get(k)!r} then, {v!r} now" for k, v in facts.items() if setup.get(k) != v]
     if differ:
         raise VitfoodError(f"cannot resume from {ckpt}: the run differs in " + "; ".join(differ))
     free = set(fields_where("resume", FREE))
     changed = [k for k, v in _as_saved(asdict(cfg)).items()
-               if k not in facts and k not in free and saved["config"].get(k) != v]
+               if k not in facts and k not in free and config.get(k) != v]
     if changed:
         say(f"vitfood: warning: resuming with changed settings ({', '.join(changed)}): the run continues, "
             "but will not match an uninterrupted one exactly")
+
+
+def _as_saved_then(saved: dict) -> tuple[dict, dict]:
+    """(setup, config) of a checkpoint, completed for settings added since the version that wrote it:
+    the same command line resumes an earlier vitfood's run without a warning that every new setting changed.
+    A missing setting reads as its default (the same command); crop_scale as the range that was fixed then."""
+    defaults = _as_saved(asdict(TrainConfig()))
+    config = {**defaults, **saved["config"]}
+    if isinstance(config.get("compile"), bool):  # once a switch: no --compile is today's default
+        config["compile"] = "on" if config["compile"] else defaults["compile"]
+    setup = {"crop_scale": defaults["crop_scale"], **saved["setup"]}  # before --crop-scale: torchvision's range
+    return setup, config
 
 
 def host_rng_state() -> dict:

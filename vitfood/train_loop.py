@@ -130,13 +130,17 @@ def setup(cfg: TrainConfig) -> Training:
         state = restore(ctx, inputs, optimizer, scaler, facts)
     bad = data.BadImages(len(inputs.splits.train) + len(inputs.splits.eval), cfg.max_bad_fraction)
     bad.found.update(state.bad_images)
-    ctx.say(first_line(ctx, inputs, schedule, cache_note, micro))
+    ctx.say(opening_line(ctx, inputs, schedule, cache_note, micro))
     log = open_logs(ctx, state.step)
     ctx.write_record("running")
     ctx.console.start_progress(schedule.total_steps, state.step)
-    return Training(ctx, inputs, train_net, eval_net, ddp, optimizer, scaler, sampler, train_loader, evals, caches,
-                    schedule, state, facts, bad, log, StopSignals(), hub_repo, state.step, micro, oom_retry_allowed(ctx.device, ctx.dist.world),
-                    torch.tensor(state.loss_sum, device=ctx.device), time.perf_counter())
+    return Training(ctx=ctx, inputs=inputs, train_net=train_net, eval_net=eval_net, ddp=ddp, optimizer=optimizer,
+                    scaler=scaler, sampler=sampler, train_loader=train_loader, eval_loader=evals, caches=caches,
+                    schedule=schedule, state=state, facts=facts, bad=bad, log=log, stop=StopSignals(),
+                    hub_repo=hub_repo, steps_at_start=state.step, micro=micro,
+                    retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world),
+                    loss_sum=torch.tensor(state.loss_sum if ctx.dist.is_main else 0.0, device=ctx.device),
+                    t_log=time.perf_counter())
 
 
 def check_extras(ctx: RunContext) -> str | None:
@@ -185,7 +189,8 @@ def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> 
     return state
 
 
-def first_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str, micro: int) -> str:
+def opening_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str, micro: int) -> str:
+    """The run's first line: what it trains on (how many images of how many, and why), and how."""
     cfg, d, splits = ctx.cfg, ctx.dist, inputs.splits
     per_step = cfg.batch_size * cfg.grad_accum_steps * d.world
     return (f"vitfood: {len(splits.train):,} training / {len(splits.eval):,} evaluation images "
@@ -249,11 +254,12 @@ def compute_gradients(t: Training, batches: list[data.Batch]) -> tuple[int, torc
         except torch.cuda.OutOfMemoryError:
             if not t.retry_oom or t.micro == 1:
                 raise
-            t.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            t.micro //= 2
-            t.ctx.resolved["micro_batch_size"] = t.micro
-            t.ctx.say(f"vitfood: out of GPU memory: computing {t.micro} images at a time from now on")
+        # Out of the except clause: its traceback no longer holds the failed pass's activations.
+        t.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        t.micro //= 2
+        t.ctx.resolved["micro_batch_size"] = t.micro
+        t.ctx.say(f"vitfood: out of GPU memory: computing {t.micro} images at a time from now on")
 
 
 def forward_backward(t: Training, pixels: torch.Tensor, labels: torch.Tensor, sync_gradients: bool) -> torch.Tensor:
@@ -366,8 +372,10 @@ def save_checkpoint(t: Training):
     """Rank 0 writes, the others wait: every rank holds the same weights after a step."""
     ctx, state = t.ctx, t.state
     path = None
+    # The log window's loss summed over all ranks (each holds its own share): on resume rank 0 carries it.
+    state.loss_sum = float(all_reduce_sum(t.loss_sum.clone(), ctx.dist).item())
     if ctx.dist.is_main:
-        state.loss_sum, state.bad_images = float(t.loss_sum.item()), t.bad.found
+        state.bad_images = t.bad.found
         saved = {"run": state.to_dict(), "setup": t.facts, "config": asdict(t.cfg), "scaler": t.scaler.state_dict(),
                  "rng": host_rng_state()}
         path = checkpoint.save_training_state(ctx.out_dir, state.step, t.model, t.inputs.base_config,
@@ -399,9 +407,12 @@ def finish(t: Training) -> dict:
     ctx, best, labels = t.ctx, t.state.best, t.inputs.splits.label_names
     verdict = None
     if ctx.dist.is_main:
-        confusion, _ = report.load_confusion(ctx.out_dir / report.CONFUSION_JSON)
-        verdict = learning_verdict(confusion, best["eval_accuracy"], t.cfg.learning_rate)
-        pictures = report.write_report(ctx.out_dir, best, None, labels)
+        # Absent when a run resumed into another --output-dir never beat the best it brought along.
+        saved = ctx.out_dir / report.CONFUSION_JSON
+        confusion = report.load_confusion(saved)[0] if saved.is_file() else None
+        if confusion is not None:
+            verdict = learning_verdict(confusion, best["eval_accuracy"], t.cfg.learning_rate)
+        pictures = report.write_report(ctx.out_dir, best, confusion, labels)
         card = model_card(ctx.resolved, best, labels, t.cfg.model, t.cfg.dataset, repo_id=t.hub_repo,
                           files=[Path(p).name for p in pictures], warning=verdict)
         atomic_write_bytes(ctx.out_dir / MODEL_CARD, card.encode())
