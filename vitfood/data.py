@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitfood.errors import VitfoodError
+from vitfood.hub import looks_like_hub_id
 from vitfood.image_cache import ImageCache
 from vitfood.paths import extensions_text, images_under
 from vitfood.preprocess import (BadImageError, Preprocessing, decode_for_training, load_rgb, open_image,
@@ -198,7 +199,7 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
     elif path.exists() and not path.is_dir():
         raise VitfoodError(f"--dataset {dataset}: a file, expected a folder or a Hub dataset id")
     else:
-        if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+        if not path.exists() and not looks_like_hub_id(dataset):  # a path that is not there
             raise VitfoodError(f"--dataset {dataset}: no such folder")
         ds = load_arrow_split(dataset, train_split, max_train_samples)
         available = len(ds) if path.is_dir() or not max_train_samples else None

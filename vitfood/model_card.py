@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from vitfood.config import is_hyperparameter
+from vitfood.hub import looks_like_hub_id
 
 MODEL_CARD = "README.md"
 
@@ -19,8 +20,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.
 
 def is_hub_id(name: str) -> bool:
     """'ethz/food101' is a Hub id; an existing folder, or anything that looks like a path, is not."""
-    return bool(name) and not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) \
-        and bool(_HUB_ID.match(name))
+    return bool(name) and looks_like_hub_id(name) and bool(_HUB_ID.match(name))
 
 
 def _md(value) -> str:
