@@ -22,7 +22,7 @@ from vitfood.fileio import atomic_write_bytes, write_json
 from vitfood.logs import Console
 from vitfood.model import ViT, load_model
 from vitfood.preprocess import Preprocessing, load_preprocessing
-from vitfood.run_record import RUN_JSON, Timeline, device_description, run_record
+from vitfood.run_record import RUN_JSON, Timeline, device_description, environment, run_record
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RunContext:
     resolved: dict  # run.json's "config": the flags with every 'auto' resolved, and the images used
     console: Console  # rank 0 speaks; the other ranks' console is silent
     timeline: Timeline  # the run's phases, for run.json
+    env: dict | None = None  # run.json's platform, versions and git state: read at the first write
 
     def say(self, message: str) -> None:
         self.console.say(message)
@@ -48,8 +49,9 @@ class RunContext:
         earlier run's record alone), and again when the run ends, however it ends."""
         if self.dist.is_main:
             ended = None if status == "running" else time.time()
+            self.env = self.env or environment()  # run.json is written 2-3 times: git is asked once
             record = run_record(self.resolved, self.started, ended, device_description(self.device),
-                                self.timeline.events)
+                                self.timeline.events, self.env)
             write_json(self.out_dir / RUN_JSON, {**record, "status": status})
 
     def write_bad_images(self, bad: data.BadImages) -> None:

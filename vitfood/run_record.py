@@ -103,11 +103,16 @@ class Timeline:
         self.events.append({"at_s": round(time.time() - self.start, 3), "event": event})
 
 
+def environment() -> dict:
+    """What a run's machine and software are: the same at every write of its run.json, so read once."""
+    return {"platform": platform.platform(), "versions": package_versions(), "git": git_state()}
+
+
 def run_record(config: dict, started: float, ended: float | None, device: str,
-               timeline: list[dict] | None = None) -> dict:
+               timeline: list[dict] | None = None, env: dict | None = None) -> dict:
     """run.json: enough to reproduce or audit a run. Written at the start (ended None) and at the end.
 
-    `started`/`ended` are time.time() values; written as ISO 8601 UTC.
+    `started`/`ended` are time.time() values; written as ISO 8601 UTC. `env`: environment(), if read already.
     """
     return {
         "command": list(sys.argv),
@@ -116,8 +121,6 @@ def run_record(config: dict, started: float, ended: float | None, device: str,
         "ended": _iso(ended),
         "duration_s": None if ended is None else round(ended - started, 1),
         "device": device,
-        "platform": platform.platform(),
-        "versions": package_versions(),
-        "git": git_state(),
+        **(env or environment()),
         "timeline": timeline or [],
     }
