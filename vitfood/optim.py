@@ -39,9 +39,9 @@ def build_optimizer(model: ViT, lr: float, weight_decay: float, device: torch.de
 
 @dataclass(frozen=True)
 class Schedule:
-    """The run's length in micro-batches and optimizer steps, and the learning rate at each step."""
+    """The run's length in batches and optimizer steps, and the learning rate at each step."""
 
-    micro_per_epoch: int  # micro-batches per epoch, per process
+    batches_per_epoch: int  # the loader's batches per epoch, per process
     grad_accum_steps: int
     steps_per_epoch: int
     total_steps: int
@@ -49,16 +49,16 @@ class Schedule:
     base_lr: float
 
     @classmethod
-    def for_run(cls, micro_per_epoch: int, cfg) -> Schedule:
+    def for_run(cls, batches_per_epoch: int, cfg) -> Schedule:
         """`cfg`: the TrainConfig (epochs, grad_accum_steps, warmup_ratio, learning_rate)."""
-        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
         total = cfg.epochs * steps_per_epoch
-        return cls(micro_per_epoch, cfg.grad_accum_steps, steps_per_epoch, total,
+        return cls(batches_per_epoch, cfg.grad_accum_steps, steps_per_epoch, total,
                    warmup_steps_for(total, cfg.warmup_ratio), cfg.learning_rate)
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.base_lr, self.warmup_steps, self.total_steps)
 
-    def closes_step(self, micro: int) -> bool:
-        """Whether micro-batch `micro` of an epoch is the last of its optimizer step (an epoch's tail may be short)."""
-        return (micro + 1) % self.grad_accum_steps == 0 or micro + 1 == self.micro_per_epoch
+    def closes_step(self, batch: int) -> bool:
+        """Whether batch `batch` of an epoch is the last of its optimizer step (an epoch's tail may be short)."""
+        return (batch + 1) % self.grad_accum_steps == 0 or batch + 1 == self.batches_per_epoch

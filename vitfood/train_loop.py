@@ -224,15 +224,15 @@ def train_epoch(t: Training, epoch: int, skip_steps: int) -> None:
     t.sampler.set_epoch(epoch, skip_batches=skip)
     t.model.train()
     window: list[data.Batch] = []  # the loader's batches that make this optimizer step
-    for micro, batch in enumerate(t.train_loader, start=skip):
+    for index, batch in enumerate(t.train_loader, start=skip):
         t.bad.add(batch.bad)
         window.append(batch)
-        if not t.schedule.closes_step(micro):
+        if not t.schedule.closes_step(index):
             continue
         images, window_loss = compute_gradients(t, window)
         window = []
         lr, grad_norm, seen = optimizer_step(t, epoch, images, window_loss)
-        after_step(t, lr, grad_norm, seen, epoch_done=micro + 1 == t.schedule.micro_per_epoch)
+        after_step(t, lr, grad_norm, seen, epoch_done=index + 1 == t.schedule.batches_per_epoch)
 
 
 def compute_gradients(t: Training, batches: list[data.Batch]) -> tuple[int, torch.Tensor]:
