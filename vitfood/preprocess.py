@@ -24,6 +24,8 @@ from vitfood.errors import VitfoodError
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
 _DEFAULT_STD = (0.5, 0.5, 0.5)
 _EXIF_ORIENTATION = 0x0112
+# Pillow filter -> torch's uint8 antialiased resize, which computes them as transformers does.
+_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 
 
 class BadImageError(VitfoodError):
@@ -98,17 +100,36 @@ class Preprocessing:
         crop. The CPU path (eval_resize) and the GPU path (gpu_decode) both resize by it."""
         if self.shortest_edge is None:
             return self.width, self.height, 0, 0
-        s = self.shortest_edge / min(width, height)
-        rw, rh = max(1, round(width * s)), max(1, round(height * s))
+        # transformers' arithmetic to the pixel: the long side truncated, not rounded (1000 x 700 -> 365 x 256).
+        short, long = min(width, height), max(width, height)
+        new_long = max(1, int(self.shortest_edge * long / short))
+        rw, rh = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
         return rw, rh, (rw - self.width) // 2, (rh - self.height) // 2
 
     def eval_resize(self, img: Image.Image) -> np.ndarray:
-        """Deterministic: resize to the model's size, exactly as the checkpoint's image processor."""
+        """Deterministic: an RGB picture -> uint8 HWC of the model's size, as the checkpoint's image processor.
+
+        Bilinear and bicubic, the filters ViT checkpoints ask for, run through torch's antialiased resize
+        on uint8: the kernel transformers' image processors call, so the pixels equal the pipeline's
+        (Pillow's own resize is off by a level or more on many pixels), in about a third of Pillow's
+        time. Other filters stay with Pillow.
+        """
         rw, rh, left, top = self.resize_box(*img.size)
-        out = img.resize((rw, rh), self.resample)
+        mode = _TORCH_FILTERS.get(self.resample)
+        if mode is None:
+            out = img.resize((rw, rh), self.resample)
+            if (rw, rh) != (self.width, self.height):
+                out = out.crop((left, top, left + self.width, top + self.height))
+            return np.asarray(out, dtype=np.uint8)
+        pixels = np.array(img, dtype=np.uint8)  # writable: torch.from_numpy refuses read-only memory
+        if (rw, rh) != img.size:
+            # HWC memory seen as NCHW is channels-last: torch's vectorised uint8 path, no transposing copy.
+            x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+            x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=mode, antialias=True, align_corners=False)
+            pixels = x[0].permute(1, 2, 0).numpy()
         if (rw, rh) != (self.width, self.height):
-            out = out.crop((left, top, left + self.width, top + self.height))
-        return np.asarray(out, dtype=np.uint8)
+            pixels = _crop_or_pad(pixels, left, top, self.width, self.height)
+        return np.ascontiguousarray(pixels)
 
     # -- on the device: uint8 batch -> normalised float batch
 
@@ -133,6 +154,16 @@ def _normalize_constants(prep: Preprocessing, device: torch.device) -> tuple[tor
     scale = torch.tensor([prep.rescale_factor / s for s in prep.std], device=device).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], device=device).view(1, 3, 1, 1)
     return scale, shift
+
+
+def _crop_or_pad(pixels: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+    """The width x height box at (left, top) of a uint8 HWC array, black where it lies outside, as PIL's crop."""
+    h, w = pixels.shape[:2]
+    out = np.zeros((height, width, pixels.shape[2]), dtype=np.uint8)
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + width, w), min(top + height, h)
+    if x1 > x0 and y1 > y0:
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = pixels[y0:y1, x0:x1]
+    return out
 
 
 def open_image(src) -> Image.Image:
