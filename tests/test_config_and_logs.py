@@ -116,6 +116,7 @@ def test_train_help_as_a_user_sees_it():
     r = run("train.py", "--help")
     assert r.returncode == 0 and "--compile " in r.stdout and "--no-compile" not in r.stdout
     assert "--micro-batch-size auto|N" in r.stdout and "--crop-scale MIN MAX" in r.stdout
+    assert "--eval-batch-size auto|N" in r.stdout and "--deterministic " in r.stdout
 
 
 def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path):
@@ -176,6 +177,28 @@ def test_a_checkpoint_of_the_version_before_crop_scale_and_micro_batches_resumes
     with pytest.raises(Exception, match="differs in crop_scale"):
         check_resume({"setup": old_setup, "config": old_config}, run_facts(
             TrainConfig(dataset="./photos", crop_scale=(0.5, 1.0)), ["a", "b"], 224, 1), cfg, said.append, tmp_path)
+
+
+def test_a_checkpoint_of_the_version_before_eval_batch_auto_and_deterministic_resumes(tmp_path):
+    # Before: eval_batch_size a number, 16 by default; no deterministic. The same command resumes in silence.
+    from dataclasses import asdict
+
+    from vitfood.resume import check_resume, run_facts
+
+    def resume(old_eval_batch: int, cfg: TrainConfig) -> list[str]:
+        old_config = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "deterministic"}
+        old_config["eval_batch_size"] = old_eval_batch
+        facts = run_facts(cfg, ["a", "b"], 224, 1)
+        said = []
+        check_resume({"setup": facts, "config": old_config}, facts, cfg, said.append, tmp_path)
+        return said
+
+    assert resume(16, TrainConfig(dataset="./photos")) == []  # the old default: today's auto
+    assert resume(64, TrainConfig(dataset="./photos", eval_batch_size=64)) == []  # --eval-batch-size 64, then and now
+    assert resume(64, TrainConfig(dataset="./photos")) == [
+        "vitfood: warning: resuming with changed settings (eval_batch_size): the run continues, but will not match "
+        "an uninterrupted one exactly"]
+    assert "deterministic" in resume(16, TrainConfig(dataset="./photos", deterministic=True))[0]
 
 
 def test_choices_are_checked_from_python_too():

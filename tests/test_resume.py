@@ -59,26 +59,42 @@ def assert_same_run(a, b):
     assert losses(a) == losses(b) and evals(a) == evals(b)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_then_resume_gives_the_same_weights_and_losses(backbone_dir, folder, uninterrupted, tmp_path, workers):
-    out = tmp_path / "out"
-    args = [sys.executable, str(ROOT / "train.py"), *map(str, train_args(backbone_dir, folder, out, workers))]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+def stop_with_sigterm(args, out):
+    """train.py with `args`, stopped by SIGTERM once step 2 (mid-epoch 1) is saved, as a scheduler stops a job."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-00000002").exists():  # mid-epoch 1
+    while not (out / "checkpoints" / "step-00000002").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "--resume-from-checkpoint" in err and "Traceback" not in err
-    stopped_at = int(last_checkpoint(out).name[5:])
-    assert 2 <= stopped_at < 6
+    assert 2 <= int(last_checkpoint(out).name[5:]) < 6
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_then_resume_gives_the_same_weights_and_losses(backbone_dir, folder, uninterrupted, tmp_path, workers):
+    out = tmp_path / "out"
+    stop_with_sigterm(train_args(backbone_dir, folder, out, workers), out)
     r = run("train.py", *train_args(backbone_dir, folder, out, workers), "--resume-from-checkpoint")
     assert r.returncode == 0, r.stderr
     assert f"resuming from {out / 'checkpoints'}" in r.stderr
     assert_same_run(uninterrupted[workers], out)
+
+
+def test_sigterm_then_resume_with_deterministic_gives_the_same_bits(backbone_dir, folder, tmp_path):
+    # --deterministic is for GPUs; on the CPU it must keep exact resumption as it is (and record itself).
+    full, out = tmp_path / "full", tmp_path / "out"
+    r = run("train.py", *train_args(backbone_dir, folder, full, 0), "--deterministic")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((full / "run.json").read_text())["config"]["deterministic_algorithms"].startswith("on (")
+    stop_with_sigterm([*train_args(backbone_dir, folder, out, 0), "--deterministic"], out)
+    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--deterministic", "--resume-from-checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert "changed settings" not in r.stderr
+    assert_same_run(full, out)
 
 
 @pytest.mark.parametrize("step", [2, 3, 4])  # mid-epoch; the first epoch's end (after its evaluation); mid-epoch 2

@@ -1,6 +1,7 @@
 """The training loop, in process: accumulation, determinism, lr 0, bad data, output folder checks."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,56 @@ def test_an_out_of_memory_halves_the_pass_and_the_run_goes_on(backbone_dir, tmp_
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
     assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["micro_batch_size"] == 4
+
+
+def test_evaluations_go_on_after_an_out_of_memory_at_the_halved_size(backbone_dir, image_folder, tmp_path,
+                                                                     monkeypatch, capsys):
+    # A GPU is faked by evaluation passes that run out of memory above 4 images: epoch 1's evaluation halves
+    # 16 to 8 to 4, epoch 2's starts at 4; the training and the metrics are those of an unhalved run.
+    from vitfood import evaluation, run
+
+    whole = train(config(backbone_dir, image_folder, tmp_path / "a", epochs=2))
+    real = evaluation.forward
+
+    def small_gpu(net, pixels, *rest):
+        if len(pixels) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(net, pixels, *rest)
+
+    monkeypatch.setattr(evaluation, "forward", small_gpu)
+    monkeypatch.setattr(run, "eval_oom_retry_allowed", lambda device: True)
+    capsys.readouterr()
+    halved = train(config(backbone_dir, image_folder, tmp_path / "b", epochs=2))
+    said = [line for line in capsys.readouterr().err.splitlines() if "out of GPU memory" in line]
+    assert said == ["vitfood: out of GPU memory in evaluation: 8 images per pass from now on",
+                    "vitfood: out of GPU memory in evaluation: 4 images per pass from now on"]
+    assert halved.pop("eval_loss") == pytest.approx(whole.pop("eval_loss"), rel=1e-6, abs=0)
+    assert halved == whole
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["eval_batch_size"] == 4
+    assert "| eval_batch_size | `4` |" in (tmp_path / "b" / "README.md").read_text()  # the card: as it ran
+
+
+def test_eval_batch_size_auto_is_the_batch_size_on_the_cpu(backbone_dir, image_folder, tmp_path, capsys):
+    train(config(backbone_dir, image_folder, tmp_path / "out", eval_batch_size="auto"))
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["eval_batch_size"] == 8
+    assert "computed 8 at a time, evaluated 8 at a time;" in capsys.readouterr().err
+
+
+def test_deterministic_changes_nothing_on_the_cpu_and_is_recorded(backbone_dir, image_folder, tmp_path):
+    # The CPU's kernels are deterministic anyway: the same weights to the bit; the settings are the
+    # process's own again afterwards.
+    train(config(backbone_dir, image_folder, tmp_path / "a"))
+    train(config(backbone_dir, image_folder, tmp_path / "b", deterministic=True))
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    record = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert record["deterministic"] is True
+    assert re.fullmatch(r"on \(torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:\d+:\d+, "
+                        r"cudnn.benchmark False\)", record["deterministic_algorithms"])
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["deterministic_algorithms"] == "off"
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_same_seed_same_weights_whatever_the_worker_count(backbone_dir, image_folder, tmp_path):

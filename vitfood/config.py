@@ -84,7 +84,11 @@ class TrainConfig:
     epochs: int = _opt(3, "training epochs", "optimisation", resume=WARN, card=True)
     batch_size: int = _opt(16, "training images per batch (per device); x --grad-accum-steps = the optimizer step",
                            "optimisation", resume=MATCH, card=True)
-    eval_batch_size: int = _opt(16, "evaluation images per batch (per device)", "optimisation", resume=WARN, card=True)
+    eval_batch_size: str = _opt("auto", "evaluation images per batch (per device). auto: on a GPU up to 256, fewer "
+                                "when a small evaluation set would leave DataLoader workers without a batch to "
+                                "decode, never fewer than a training pass; on the CPU --batch-size. On a GPU an "
+                                "out-of-memory halves the passes (the run goes on). N: N images",
+                                "optimisation", resume=WARN, card=True, metavar="auto|N")
     grad_accum_steps: int = _opt(4, "batches per optimizer step (gradient accumulation)", "optimisation",
                                  resume=MATCH, card=True)
     micro_batch_size: str = _opt("auto", "images per forward and backward pass. Each optimizer step still averages "
@@ -106,6 +110,12 @@ class TrainConfig:
                      resume=MATCH, card=True)
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "optimisation",
                        resume=WARN, card=False)
+    # WARN, not FREE: deterministic kernels compute differently from the default ones on a GPU, so a resume that
+    # changes the setting continues the run, but no longer to the bit.
+    deterministic: bool = _opt(False, "PyTorch's deterministic algorithms, cuBLAS's fixed workspace and no cuDNN "
+                               "benchmarking, so that a run on a GPU, and a resumed one, can repeat to the bit: where "
+                               "every kernel has a deterministic version (else one error names the operation); may "
+                               "be slower. On the CPU runs repeat without it", "optimisation", resume=WARN, card=False)
 
     # ---- output
     output_dir: str = _opt(DEFAULT_OUTPUT_DIR, "where the best model, eval_results.json and metrics.jsonl go",
@@ -138,6 +148,7 @@ class TrainConfig:
     def __post_init__(self):
         self.crop_scale = tuple(self.crop_scale)  # argparse and JSON give a list
         self.micro_batch_size = str(self.micro_batch_size)  # auto, or a number given from Python as an int
+        self.eval_batch_size = str(self.eval_batch_size)
         if isinstance(self.compile, bool):  # compile=True from Python, as the flag once was
             self.compile = "on" if self.compile else "off"
 
@@ -146,7 +157,7 @@ class TrainConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value not in choices:
                 raise VitfoodError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
-        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps")
+        positive = ("epochs", "batch_size", "grad_accum_steps", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise VitfoodError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -167,9 +178,11 @@ class TrainConfig:
             raise VitfoodError(f"--rotation must be between 0 and 180 degrees, got {self.rotation}")
         if not 0 <= self.zoom < 1:
             raise VitfoodError(f"--zoom must be at least 0 and below 1, got {self.zoom}")
-        if self.micro_batch_size != "auto" and not (self.micro_batch_size.isdigit() and int(self.micro_batch_size) > 0):
-            raise VitfoodError(f"--micro-batch-size must be auto or a whole number of images, at least 1, "
-                               f"got {self.micro_batch_size!r}")
+        for name in ("micro_batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value != "auto" and not (value.isdigit() and int(value) > 0):
+                raise VitfoodError(f"--{name.replace('_', '-')} must be auto or a whole number of images, at least 1, "
+                                   f"got {value!r}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise VitfoodError(f"--crop-scale {low:g} {high:g}: needs 0 < MIN <= MAX <= 1")

@@ -3,16 +3,29 @@ what they say about a run. The metrics are pure functions, tested without a mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from vitfood import data
 from vitfood.distributed import Dist, all_reduce_sum, autocast
-from vitfood.errors import VitfoodError
+from vitfood.errors import VitfoodError, first_line
+
+
+@dataclass
+class EvalPasses:
+    """Images per forward pass of evaluation: the loader's batch (--eval-batch-size, resolved) until the GPU runs
+    out of memory, then half as many, for the rest of the run (later evaluations would only run out again)."""
+
+    size: int
+    retry_oom: bool  # whether an out-of-memory halves them (execution.eval_oom_retry_allowed)
+    say: Callable[[str], None]
 
 
 @torch.no_grad()
-def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: data.BadImages,
+def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: data.BadImages, passes: EvalPasses,
              label_map: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """(results, confusion) over the whole evaluation set, each image counted once across ranks.
 
@@ -27,13 +40,11 @@ def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: da
         label_map = label_map.to(device)
     for batch in loader:
         bad.add(batch.bad)
-        pixels = prep.normalize(batch.pixels.to(device, non_blocking=True))
+        pixels = batch.pixels.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         if label_map is not None:
             labels = label_map[labels]
-        with autocast(device, precision):
-            logits = net(pixels)
-        logits = logits.float()
+        logits = batch_logits(net, pixels, prep, device, precision, passes)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         update_confusion(confusion, logits, labels)
         top5 += topk_correct(logits, labels, 5)
@@ -43,6 +54,36 @@ def evaluate(net, loader, prep, device, precision, label_names, d: Dist, bad: da
         return summarize(confusion, loss_sum.item(), int(top5.item()), label_names), confusion.cpu()
     except ValueError:
         raise VitfoodError("no evaluation image could be read; see bad_images.txt in the output folder") from None
+
+
+def batch_logits(net, pixels: torch.Tensor, prep, device, precision, passes: EvalPasses) -> torch.Tensor:
+    """A batch's logits (float32), `passes.size` images per forward pass. An image's logits do not depend on
+    the other images of its pass (beyond float rounding where kernels change with the pass's size), and the
+    metrics are sums and counts over images: the same whatever the passes. On a GPU an out-of-memory halves
+    the passes and redoes the batch: the run goes on."""
+    while True:
+        try:
+            return torch.cat([forward(net, part, prep, device, precision) for part in pixels.split(passes.size)])
+        except torch.cuda.OutOfMemoryError as e:
+            if not passes.retry_oom or passes.size == 1:
+                raise VitfoodError(eval_oom_message(passes, e)) from None
+        # Out of the except clause: its traceback no longer holds the failed pass's activations.
+        torch.cuda.empty_cache()
+        passes.size //= 2
+        passes.say(f"vitfood: out of GPU memory in evaluation: {passes.size} images per pass from now on")
+
+
+def forward(net, pixels: torch.Tensor, prep, device, precision) -> torch.Tensor:
+    with autocast(device, precision):
+        return net(prep.normalize(pixels)).float()
+
+
+def eval_oom_message(passes: EvalPasses, e: BaseException) -> str:
+    if passes.size == 1:
+        return (f"out of GPU memory in evaluation even at 1 image per pass ({first_line(e, 120)}): the model, its "
+                "training state or other processes fill the GPU; a smaller --eval-batch-size cannot help")
+    return (f"out of memory in evaluation at {passes.size} images per pass ({first_line(e, 120)}); "
+            "use a smaller --eval-batch-size")
 
 
 def label_map_for(dataset_labels: list[str], model_labels: list[str], dataset: str, model: str) -> torch.Tensor:

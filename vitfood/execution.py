@@ -6,7 +6,12 @@ a GPU, and each says why in its docstring.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import torch
+
+from vitfood.errors import VitfoodError, first_line
 
 AUTO_COMPILE_MIN_IMAGES = 100_000  # a prediction from the H200 figures, unmeasured: see benchmarks/RESULTS.md
 
@@ -61,3 +66,71 @@ def resolve_micro_batch(setting: str, batch_size: int, grad_accum_steps: int, de
 def oom_retry_allowed(device: torch.device, world: int) -> bool:
     """On one GPU; not under torchrun, where the other ranks would wait for the failed one in DDP's all-reduce."""
     return device.type == "cuda" and world == 1
+
+
+def eval_oom_retry_allowed(device: torch.device) -> bool:
+    """On a GPU, under torchrun too: evaluation calls the model without DDP and sums each rank's images before
+    the one all-reduce at its end, so a rank may halve its passes alone."""
+    return device.type == "cuda"
+
+
+EVAL_BATCH_MAX = 256  # 4 x the 64 images from which an eager step stops being launch-bound: little more to gain
+
+
+def resolve_eval_batch(setting: str, batch_size: int, micro_batch: int, eval_images: int, workers: int,
+                       device: torch.device, world: int) -> int:
+    """--eval-batch-size as images per evaluation batch. auto on a GPU: past the batches of 16 images where an
+    eager step is bound by Python launching kernels (900-1,400 images/s on an H200, benchmarks/RESULTS.md), up
+    to EVAL_BATCH_MAX, but no bigger than leaves each DataLoader worker a batch of this rank's share to decode
+    (a worker decodes a whole batch: a small evaluation set in a few big batches would keep the others idle);
+    never fewer than a training pass (one that fits with its gradients fits without them). On the CPU
+    --batch-size (the guide's evaluation batch is its training batch): a CPU gains nothing from bigger batches.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return batch_size
+    per_worker = -(-eval_images // world) // max(1, workers)
+    return max(min(EVAL_BATCH_MAX, per_worker), micro_batch, batch_size)
+
+
+@contextmanager
+def deterministic_algorithms(on: bool):
+    """--deterministic: PyTorch's deterministic algorithms for the run, and the process's settings back after it
+    (train() may be called again from Python). An operation with no deterministic version is one error naming it.
+
+    cuBLAS computes deterministically only with a fixed workspace, read when it starts: set here, before the
+    model is built and before any matmul. cuDNN's benchmark mode would pick its kernels by timing them.
+    """
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    except RuntimeError as e:
+        if "deterministic" not in str(e).lower():
+            raise
+        raise VitfoodError(nondeterministic_message(e)) from None
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def nondeterministic_message(e: RuntimeError) -> str:
+    """The one line for PyTorch's refusal of an operation under --deterministic, naming the operation."""
+    line = first_line(e, 300).removeprefix("RuntimeError: ")
+    op, found, _ = line.partition(" does not have a deterministic implementation")
+    why = f"PyTorch has no deterministic version of {op} on this device" if found else line
+    return f"--deterministic: {why}; run without --deterministic"
+
+
+def determinism_in_force() -> str:
+    """For run.json: whether this process runs PyTorch's deterministic algorithms, as torch reports it."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return "off"
+    return (f"on (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG="
+            f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')}, cudnn.benchmark {torch.backends.cudnn.benchmark})")

@@ -71,6 +71,9 @@ def check_resume(saved: dict, facts: dict, cfg: TrainConfig, say, ckpt: Path) ->
             "but will not match an uninterrupted one exactly")
 
 
+OLD_EVAL_BATCH_DEFAULT = 16  # --eval-batch-size before auto
+
+
 def _as_saved_then(saved: dict) -> tuple[dict, dict]:
     """(setup, config) of a checkpoint, completed for settings added since the version that wrote it:
     the same command line resumes an earlier vitfood's run without a warning that every new setting changed.
@@ -79,6 +82,9 @@ def _as_saved_then(saved: dict) -> tuple[dict, dict]:
     config = {**defaults, **saved["config"]}
     if isinstance(config.get("compile"), bool):  # once a switch: no --compile is today's default
         config["compile"] = "on" if config["compile"] else defaults["compile"]
+    if isinstance(config["eval_batch_size"], int):  # once a number, 16 by default: no flag is today's auto
+        n = config["eval_batch_size"]
+        config["eval_batch_size"] = defaults["eval_batch_size"] if n == OLD_EVAL_BATCH_DEFAULT else str(n)
     setup = {"crop_scale": defaults["crop_scale"], **saved["setup"]}  # before --crop-scale: torchvision's range
     return setup, config
 

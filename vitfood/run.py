@@ -17,7 +17,9 @@ import torch
 from vitfood import checkpoint, data, distributed, hub, report
 from vitfood.config import TrainConfig
 from vitfood.distributed import Dist
-from vitfood.evaluation import evaluate, label_map_for
+from vitfood.evaluation import EvalPasses, evaluate, label_map_for
+from vitfood.execution import (deterministic_algorithms, determinism_in_force, eval_oom_retry_allowed,
+                               resolve_eval_batch, resolve_micro_batch)
 from vitfood.fileio import atomic_write_bytes, write_json
 from vitfood.logs import Console
 from vitfood.model import ViT, load_model
@@ -76,7 +78,7 @@ def start_run(cfg: TrainConfig, training: bool) -> RunContext:
         else:
             checkpoint.prepare_report_dir(out_dir)
     resolved = {**asdict(cfg), "max_train_samples": cfg.train_samples(), "num_workers": workers,
-                "precision": precision, "device": str(device)}
+                "precision": precision, "device": str(device), "deterministic_algorithms": determinism_in_force()}
     timeline.mark("device and output folder checked")
     return RunContext(cfg, d, device, precision, workers, out_dir, started, resolved, Console(enabled=d.is_main),
                       timeline)
@@ -120,11 +122,16 @@ def selection_note(ctx: RunContext, splits: data.Splits) -> str:
     return note + (f", {cfg.test_size:.0%} held out for evaluation" if held_out else f"; evaluation: {cfg.eval_split}")
 
 
-def eval_loader(ctx: RunContext, inputs: Inputs, cache=None):
-    records = inputs.splits.eval
-    sampler = data.EvalBatchSampler(len(records), ctx.cfg.eval_batch_size, ctx.dist.rank, ctx.dist.world)
-    return data.make_loader(data.EvalImages(records, inputs.prep, cache), sampler, inputs.prep, ctx.workers,
-                            ctx.device.type == "cuda", ctx.cfg.seed)
+def eval_loader(ctx: RunContext, inputs: Inputs, micro: int, cache=None):
+    """(loader, passes): the evaluation images in batches of --eval-batch-size (resolved, for run.json), and
+    the forward passes evaluation computes them in. `micro`: the training pass (resolved --micro-batch-size)."""
+    cfg, records = ctx.cfg, inputs.splits.eval
+    size = ctx.resolved["eval_batch_size"] = resolve_eval_batch(cfg.eval_batch_size, cfg.batch_size, micro,
+                                                                len(records), ctx.workers, ctx.device, ctx.dist.world)
+    sampler = data.EvalBatchSampler(len(records), size, ctx.dist.rank, ctx.dist.world)
+    loader = data.make_loader(data.EvalImages(records, inputs.prep, cache), sampler, inputs.prep, ctx.workers,
+                              ctx.device.type == "cuda", ctx.cfg.seed)
+    return loader, EvalPasses(size, retry_oom=eval_oom_retry_allowed(ctx.device), say=ctx.say)
 
 
 def evaluate_only(cfg: TrainConfig) -> dict:
@@ -134,27 +141,34 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     --eval-split. Writes eval_results.json, confusion_matrix.json/.png and run.json to --output-dir;
     the model there, if any, is left untouched.
     """
-    ctx = start_run(cfg, training=False)
-    inputs = load_inputs(ctx, new_head=False)
-    labels = inputs.model.arch.labels
-    label_map = label_map_for(inputs.splits.label_names, labels, cfg.dataset, cfg.model)
-    bad = data.BadImages(len(inputs.splits.eval), cfg.max_bad_fraction)
-    try:
-        results, confusion = evaluate(inputs.model, eval_loader(ctx, inputs), inputs.prep, ctx.device, ctx.precision,
-                                      labels, ctx.dist, bad, label_map)
-    finally:
+    with deterministic_algorithms(cfg.deterministic):
+        ctx = start_run(cfg, training=False)
+        inputs = load_inputs(ctx, new_head=False)
+        labels = inputs.model.arch.labels
+        label_map = label_map_for(inputs.splits.label_names, labels, cfg.dataset, cfg.model)
+        bad = data.BadImages(len(inputs.splits.eval), cfg.max_bad_fraction)
+        # The training pass as training would resolve it: the same flags evaluate in the same batches.
+        micro = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, cfg.grad_accum_steps, ctx.device,
+                                    ctx.dist.world)
+        loader, passes = eval_loader(ctx, inputs, micro)
+        try:
+            results, confusion = evaluate(inputs.model, loader, inputs.prep, ctx.device, ctx.precision, labels,
+                                          ctx.dist, bad, passes, label_map)
+        finally:
+            if ctx.dist.is_main:
+                ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            ctx.write_bad_images(bad)  # also when too many of them stopped the evaluation
+        ctx.resolved["eval_batch_size"] = passes.size  # halved, if the GPU ran out of memory
         if ctx.dist.is_main:
-            ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        ctx.write_bad_images(bad)  # also when too many of them stopped the evaluation
-    if ctx.dist.is_main:
-        write_json(ctx.out_dir / checkpoint.EVAL_RESULTS, {**results, "model": str(cfg.model),
-                                                          "dataset": str(cfg.dataset)})
-        report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, labels)
-        report.write_report(ctx.out_dir, results, confusion, labels)
-        ctx.write_record("finished")
-        ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 {results['eval_top5_accuracy']:.4f} "
-                f"on {results['eval_samples']:,} images; report in {ctx.out_dir}")
-    return results
+            write_json(ctx.out_dir / checkpoint.EVAL_RESULTS, {**results, "model": str(cfg.model),
+                                                              "dataset": str(cfg.dataset)})
+            report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, labels)
+            report.write_report(ctx.out_dir, results, confusion, labels)
+            ctx.write_record("finished")
+            ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 "
+                    f"{results['eval_top5_accuracy']:.4f} on {results['eval_samples']:,} images; report in "
+                    f"{ctx.out_dir}")
+        return results
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

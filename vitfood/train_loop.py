@@ -26,8 +26,9 @@ from vitfood import checkpoint, data, image_cache, logs, publish, report
 from vitfood.config import TrainConfig
 from vitfood.distributed import all_reduce_sum, autocast, barrier, usable_cores
 from vitfood.errors import VitfoodError
-from vitfood.evaluation import evaluate, learning_verdict
-from vitfood.execution import compile_decision, oom_retry_allowed, resolve_micro_batch, wrap_model
+from vitfood.evaluation import EvalPasses, evaluate, learning_verdict
+from vitfood.execution import (compile_decision, deterministic_algorithms, oom_retry_allowed, resolve_micro_batch,
+                               wrap_model)
 from vitfood.fileio import atomic_write_bytes
 from vitfood.model_card import MODEL_CARD, model_card
 from vitfood.optim import Schedule, build_optimizer
@@ -41,25 +42,26 @@ __all__ = ["train", "TrainingInterrupted"]
 
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the best evaluation's results."""
-    t = setup(cfg)
-    status = "failed"
-    try:
-        for cache in t.caches:
-            cache.create()
-        t.ctx.timeline.mark("training started")
-        first_epoch, steps_done = divmod(t.state.step, t.schedule.steps_per_epoch)
-        if steps_done == 0 and t.state.epochs_evaluated < first_epoch:
-            end_epoch(t, first_epoch - 1)  # stopped between an epoch's last step and its evaluation
-        for epoch in range(first_epoch, cfg.epochs):
-            train_epoch(t, epoch, skip_steps=steps_done if epoch == first_epoch else 0)
-            end_epoch(t, epoch)
-        status = "finished"
-    except TrainingInterrupted:
-        status = "interrupted"
-        raise
-    finally:
-        close(t, status)
-    return finish(t)
+    with deterministic_algorithms(cfg.deterministic):  # --deterministic: before the model is built
+        t = setup(cfg)
+        status = "failed"
+        try:
+            for cache in t.caches:
+                cache.create()
+            t.ctx.timeline.mark("training started")
+            first_epoch, steps_done = divmod(t.state.step, t.schedule.steps_per_epoch)
+            if steps_done == 0 and t.state.epochs_evaluated < first_epoch:
+                end_epoch(t, first_epoch - 1)  # stopped between an epoch's last step and its evaluation
+            for epoch in range(first_epoch, cfg.epochs):
+                train_epoch(t, epoch, skip_steps=steps_done if epoch == first_epoch else 0)
+                end_epoch(t, epoch)
+            status = "finished"
+        except TrainingInterrupted:
+            status = "interrupted"
+            raise
+        finally:
+            close(t, status)
+        return finish(t)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Training:
     sampler: data.TrainBatchSampler
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
+    eval_passes: EvalPasses  # images per evaluation pass (--eval-batch-size, resolved; halved on out-of-memory)
     caches: list[image_cache.ImageCache]  # decoded-image caches, made when the loop starts
     schedule: Schedule
     state: TrainState
@@ -115,7 +118,6 @@ def setup(cfg: TrainConfig) -> Training:
     images = data.TrainImages(inputs.splits.train, inputs.prep, cfg.seed, cfg.flip, caches[0] if caches else None,
                               cfg.rotation, cfg.zoom, cfg.crop_scale)
     train_loader = data.make_loader(images, sampler, inputs.prep, ctx.workers, ctx.device.type == "cuda", cfg.seed)
-    evals = eval_loader(ctx, inputs, caches[1] if caches else None)
     schedule = Schedule.for_run(len(sampler), cfg)
     optimizer = build_optimizer(inputs.model, cfg.learning_rate, cfg.weight_decay, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
@@ -124,20 +126,21 @@ def setup(cfg: TrainConfig) -> Training:
     train_net, eval_net, ddp = wrap_model(inputs.model, use_compile, ctx.device, ctx.dist.world)
     micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size,
                                                                    cfg.grad_accum_steps, ctx.device, ctx.dist.world)
+    evals, eval_passes = eval_loader(ctx, inputs, micro, caches[1] if caches else None)
     facts = run_facts(cfg, inputs.splits.label_names, inputs.model.arch.image_size, ctx.dist.world)
     state = TrainState()
     if cfg.resume_from_checkpoint is not None:
         state = restore(ctx, inputs, optimizer, scaler, facts)
     bad = data.BadImages(len(inputs.splits.train) + len(inputs.splits.eval), cfg.max_bad_fraction)
     bad.found.update(state.bad_images)
-    ctx.say(opening_line(ctx, inputs, schedule, cache_note, micro))
+    ctx.say(opening_line(ctx, inputs, schedule, cache_note, micro, eval_passes.size))
     log = open_logs(ctx, state.step)
     ctx.write_record("running")
     ctx.console.start_progress(schedule.total_steps, state.step)
     return Training(ctx=ctx, inputs=inputs, train_net=train_net, eval_net=eval_net, ddp=ddp, optimizer=optimizer,
-                    scaler=scaler, sampler=sampler, train_loader=train_loader, eval_loader=evals, caches=caches,
-                    schedule=schedule, state=state, facts=facts, bad=bad, log=log, stop=StopSignals(),
-                    hub_repo=hub_repo, steps_at_start=state.step, micro=micro,
+                    scaler=scaler, sampler=sampler, train_loader=train_loader, eval_loader=evals,
+                    eval_passes=eval_passes, caches=caches, schedule=schedule, state=state, facts=facts, bad=bad,
+                    log=log, stop=StopSignals(), hub_repo=hub_repo, steps_at_start=state.step, micro=micro,
                     retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world),
                     loss_sum=torch.tensor(state.loss_sum if ctx.dist.is_main else 0.0, device=ctx.device),
                     t_log=time.perf_counter())
@@ -189,7 +192,8 @@ def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> 
     return state
 
 
-def opening_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str, micro: int) -> str:
+def opening_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note: str, micro: int,
+                 eval_batch: int) -> str:
     """The run's first line: what it trains on (how many images of how many, and why), and how."""
     cfg, d, splits = ctx.cfg, ctx.dist, inputs.splits
     per_step = cfg.batch_size * cfg.grad_accum_steps * d.world
@@ -197,8 +201,8 @@ def opening_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note
             f"({selection_note(ctx, splits)}), {plural(len(splits.label_names), 'class', 'classes')}; "
             f"{plural(cfg.epochs, 'epoch')} x {plural(schedule.steps_per_epoch, 'optimizer step')} of "
             f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {d.world} process(es) = {per_step} images, "
-            f"computed {min(micro, cfg.batch_size * cfg.grad_accum_steps)} at a time; "
-            f"{ctx.device}, {ctx.precision}, {plural(ctx.workers, 'worker')}; decoded-image cache {cache_note}")
+            f"computed {min(micro, cfg.batch_size * cfg.grad_accum_steps)} at a time, evaluated {eval_batch} at a "
+            f"time; {ctx.device}, {ctx.precision}, {plural(ctx.workers, 'worker')}; decoded-image cache {cache_note}")
 
 
 def open_logs(ctx: RunContext, step: int) -> logs.RunLog:
@@ -351,7 +355,8 @@ def end_epoch(t: Training, epoch: int) -> None:
     ctx, inputs, state = t.ctx, t.inputs, t.state
     started = time.perf_counter()
     results, confusion = evaluate(t.eval_net, t.eval_loader, inputs.prep, ctx.device, ctx.precision,
-                                  inputs.splits.label_names, ctx.dist, t.bad)
+                                  inputs.splits.label_names, ctx.dist, t.bad, t.eval_passes)
+    ctx.resolved["eval_batch_size"] = t.eval_passes.size  # halved, if the GPU ran out of memory
     results.update(epoch=epoch + 1, step=state.step)
     t.log.write({"type": "eval", **{k: v for k, v in results.items() if k != "per_class_accuracy"},
                  "images_per_s": round(results["eval_samples"] / (time.perf_counter() - started), 2)})
