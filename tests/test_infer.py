@@ -274,3 +274,48 @@ def test_progress_bar_only_when_stderr_is_a_terminal(model, tmp_path):
     assert re.search(rf"\d+/{total} ", terminal) and "img" in terminal  # tqdm's "n/total" and its unit
     assert re.search(r"infer\.py: error: \S*zzz_broken\.png", terminal)
     assert f"infer.py: classified {total - 1} images in" in terminal
+
+
+def test_math_threads_follow_the_models_share_of_the_work():
+    from vitfood.inference import math_threads
+
+    # Measured on 2 cores with Food-101-size JPEGs: ViT-B's 0.5 s of math an image against 4 ms of decoding
+    # keeps both threads; a tiny ViT's 8 ms gets one.
+    assert math_threads(decode_cpu_seconds=0.004, model_cpu_seconds=0.5, threads=2) == 2
+    assert math_threads(decode_cpu_seconds=0.004, model_cpu_seconds=0.008, threads=2) == 1
+    assert math_threads(decode_cpu_seconds=0.003, model_cpu_seconds=0.0, threads=16) == 1  # never none
+    assert math_threads(decode_cpu_seconds=0.001, model_cpu_seconds=0.003, threads=16) == 12
+    assert math_threads(decode_cpu_seconds=0.0, model_cpu_seconds=0.0, threads=4) == 4  # nothing measured: as it was
+
+
+def test_a_cpu_stream_gives_the_threads_back_and_its_answers_do_not_change(model, tmp_path, monkeypatch):
+    """Past its first batches the stream sets the model's math threads from both sides' measured costs; the
+    process gets its own number back when the stream ends, also when the caller stops reading early, and
+    no score moves."""
+    import torch
+
+    from vitfood import inference
+    from vitfood.inference import classify_stream, expand_inputs, load_classifier
+
+    for i in range(40):
+        save_image(tmp_path / "photos" / f"{i:02d}.jpg", 100 + i, fmt="JPEG")
+    clf = load_classifier(model)
+    inputs = expand_inputs([str(tmp_path / "photos")])
+    before = torch.get_num_threads()
+    one_by_one = [r.predictions for r in classify_stream(clf, inputs, top_k=3, batch_size=1)]
+    assert torch.get_num_threads() == before
+    asked = []
+    monkeypatch.setattr(inference, "math_threads", lambda *costs: asked.append(costs) or 1)
+    batched = classify_stream(clf, inputs, top_k=3, batch_size=4)
+    for k, result in enumerate(batched):
+        assert [p["label"] for p in result.predictions] == [p["label"] for p in one_by_one[k]]
+        assert [p["score"] for p in result.predictions] == pytest.approx([p["score"] for p in one_by_one[k]],
+                                                                         abs=1e-5)
+        if k == 30:
+            break
+    # Decided once, after the warm-up batch and two measured ones, from real costs an image.
+    [(decode_cpu, model_cpu, threads)] = asked
+    assert 0 < decode_cpu < 1 and 0 < model_cpu < 1 and threads == before
+    assert torch.get_num_threads() == 1  # still streaming
+    batched.close()  # a caller that stops reading early
+    assert torch.get_num_threads() == before
