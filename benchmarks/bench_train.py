@@ -453,7 +453,7 @@ def e2e(args, work: Path) -> list[dict]:
                          f"--nproc-per-node={args.nproc_per_node}", *ours, "--output-dir", str(work / "out-ddp")],
                         "vitfood"))
     guide_data(args, folder)
-    rows = with_speedups(run_jobs(jobs, args, work))
+    rows = with_speedups(run_jobs([job for job in jobs if args.jobs is None or job.key in args.jobs], args, work))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{args.images} JPEGs, ViT-{args.model_size}, {args.epochs} epochs, batch {args.batch_size} x "
           f"{args.grad_accum_steps} (guide as written: 16 x 4), tuned Trainer {workers} workers, {device}", file=sys.stderr)
@@ -529,7 +529,8 @@ def steady(args, work: Path) -> list[dict]:
 
 
 SIZES = {"compute": (400, 3), "e2e": (400, 3), "guide-job": (5000, 3), "steady": (6400, 4)}  # --images, --epochs
-JOB_KEYS = {"guide-job": GUIDE_JOB_KEYS, "steady": STEADY_KEYS}
+E2E_KEYS = ["vitfood", "guide", "tuned", "ddp"]
+JOB_KEYS = {"e2e": E2E_KEYS, "guide-job": GUIDE_JOB_KEYS, "steady": STEADY_KEYS}
 
 
 def main():
@@ -554,7 +555,8 @@ def main():
                    help="e2e: DataLoader workers (default: train.py's own); e2e and guide-job: the tuned Trainer's "
                         "(default: cores - 1, at most 16)")
     p.add_argument("--jobs", nargs="+", choices=sorted({k for keys in JOB_KEYS.values() for k in keys}),
-                   help=f"guide-job: some of {' '.join(GUIDE_JOB_KEYS)} (default: all; --smoke leaves out "
+                   help=f"e2e: some of {' '.join(E2E_KEYS)} (default: all, ddp with --nproc-per-node); "
+                        f"guide-job: some of {' '.join(GUIDE_JOB_KEYS)} (default: all; --smoke leaves out "
                         f"tuned-compiled); steady: some of {' '.join(STEADY_KEYS)} (default: all, best-warm only "
                         "when the best flags compile)")
     p.add_argument("--best-flags", default=None,
@@ -581,7 +583,9 @@ def main():
     elif args.compile is not None:
         p.error(f"{args.mode}: no --compile: guide-job runs train.py at its defaults; steady's is in --best-flags")
     if args.jobs and args.mode not in JOB_KEYS:
-        p.error(f"{args.mode}: no --jobs (guide-job and steady take it)")
+        p.error(f"{args.mode}: no --jobs (e2e, guide-job and steady take it)")
+    if args.jobs and args.mode == "e2e" and "vitfood" not in args.jobs:
+        p.error("e2e: --jobs needs vitfood: the speed-ups are vitfood's over each other row")
     if args.best_flags is not None and args.mode != "steady":
         p.error(f"{args.mode}: no --best-flags (steady takes it)")
     images, epochs = SIZES[args.mode]

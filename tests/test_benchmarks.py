@@ -97,11 +97,12 @@ def test_bench_train_fixed_cost_from_the_timeline():
 
 def test_bench_train_end_to_end_smoke(tmp_path):
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate (pip install -e '.[bench]')")
-    rows = bench("bench_train.py", "e2e", "--smoke", work=tmp_path)
-    assert [r["job"] for r in rows] == ["vitfood train.py", "Trainer, guide as written", "Trainer, tuned"]
+    # The Trainer as written is the guide job's smoke row: left out here for time.
+    rows = bench("bench_train.py", "e2e", "--smoke", "--jobs", "vitfood", "tuned", work=tmp_path)
+    assert [r["job"] for r in rows] == ["vitfood train.py", "Trainer, tuned"]
     for r in rows:
         assert r["whole process s"] > 0 and 0 <= r["eval accuracy"] <= 1
-    assert rows[0]["steady images/s"] > 0 and rows[2]["steady images/s"] > 0  # several steps of 4 images each
+    assert rows[0]["steady images/s"] > 0 and rows[1]["steady images/s"] > 0  # several steps of 4 images each
     assert 0 < rows[0]["fixed cost s"] < rows[0]["whole process s"]  # from run.json's timeline
 
 
