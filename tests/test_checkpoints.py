@@ -212,3 +212,48 @@ def test_infer_and_the_pipeline_take_a_checkpoint(run_out, images):
     predictions = pipeline("image-classification", model=str(ckpt), top_k=3)(str(image))
     assert sorted(p["label"] for p in predictions) == sorted(CLASSES)
 
+
+
+def test_the_background_writer_runs_one_save_at_a_time_in_order():
+    import threading
+    import time
+
+    writer = checkpoint.BackgroundWriter()
+    assert writer.wait() is None  # nothing handed over yet
+    log, in_flight = [], threading.Semaphore(1)
+
+    def job(name, seconds):
+        def run_job():
+            assert in_flight.acquire(blocking=False), "two saves at once"
+            time.sleep(seconds)
+            log.append((name, threading.current_thread().name))
+            in_flight.release()
+        return run_job
+
+    writer.submit("first", [job("a", 0.2), job("b", 0)])
+    assert log == []  # handed over: the caller goes on while it writes
+    writer.submit("second", [job("c", 0)])  # waits for the first to land
+    assert [name for name, _ in log] == ["a", "b"]
+    what, seconds = writer.wait()
+    assert what == "second" and seconds >= 0
+    assert [name for name, _ in log] == ["a", "b", "c"]
+    assert {thread for _, thread in log} != {threading.current_thread().name}  # written off the caller's thread
+
+
+def test_a_failed_background_save_is_raised_at_the_next_wait_and_stops_what_follows():
+    writer = checkpoint.BackgroundWriter()
+    ran = []
+
+    def fail():
+        raise VitfoodError("cannot save a checkpoint to out/checkpoints: No space left on device "
+                           "(the previous checkpoints are intact)")
+
+    writer.submit("checkpoint step-00000002", [fail, lambda: ran.append("after")])
+    with pytest.raises(VitfoodError, match="No space left on device"):
+        writer.wait()
+    assert ran == []  # the best model's files before a checkpoint that failed: none after the failure
+    assert writer.wait() is None  # raised once
+    with pytest.raises(VitfoodError, match="previous checkpoints are intact"):
+        writer.submit("checkpoint step-00000003", [fail])
+        writer.submit("checkpoint step-00000004", [lambda: ran.append("next")])  # the failure surfaces first
+    assert ran == []

@@ -7,6 +7,9 @@ import io
 import json
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,9 +17,8 @@ from safetensors.torch import load_file
 
 from vitfood import fileio
 from vitfood.errors import VitfoodError, first_line
-from vitfood.fileio import fsync_dir, human_bytes, json_bytes, read_json, write_json
-from vitfood.model import (CONFIG_NAME, SAFETENSORS_NAME, ViT, ViTArch, from_hf_classifier_state_dict, hf_files,
-                           save_model)
+from vitfood.fileio import fsync_dir, human_bytes, json_bytes, read_json
+from vitfood.model import CONFIG_NAME, SAFETENSORS_NAME, ViT, ViTArch, from_hf_classifier_state_dict, hf_files
 
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
@@ -74,10 +76,20 @@ def _make_writable_dir(out_dir: Path) -> None:
 
 
 def save_best(out_dir: Path, model: ViT, base_config: dict, preprocessor: dict, results: dict) -> None:
-    """The model in Hugging Face format, then the results that describe it."""
+    write_best(out_dir, best_model_files(model, base_config, preprocessor, results))
+
+
+def best_model_files(model: ViT, base_config: dict, preprocessor: dict, results: dict) -> dict[str, bytes]:
+    """The best model's files: the model in Hugging Face format, then the results that describe it."""
+    return {**hf_files(model, base_config, preprocessor), EVAL_RESULTS: json_bytes(results)}
+
+
+def write_best(out_dir: Path, files: dict[str, bytes]) -> None:
+    """`best_model_files` into the output folder, each file replaced atomically, in their order."""
     try:
-        save_model(model, out_dir, base_config, preprocessor)
-        write_json(out_dir / EVAL_RESULTS, results)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            fileio.atomic_write_bytes(out_dir / name, data)
     except OSError as e:
         raise VitfoodError(f"cannot save the model to {out_dir}: {e.strerror or e} "
                            "(the previously saved files are intact)") from None
@@ -107,29 +119,48 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def save_training_state(out_dir: Path, step: int, model: ViT, base_config: dict, preprocessor: dict,
                         optimizer_state: dict, rng_state: dict, state: dict, keep: int) -> Path:
-    """Everything needed to continue the run exactly, written whole or not at all.
+    """Everything needed to continue the run exactly, written whole or not at all (see write_training_state)."""
+    files = training_state_files(model, base_config, preprocessor, optimizer_state, rng_state, state)
+    return write_training_state(out_dir, step, files, keep)
+
+
+def training_state_files(model: ViT, base_config: dict, preprocessor: dict, optimizer_state: dict,
+                         rng_state: dict, state: dict) -> dict[str, bytes]:
+    """A checkpoint's files, by name, in the order to write them: a snapshot, copied off the device.
 
     The folder is also a complete Hugging Face model (the same files as the best model at the top of
     the output folder), so any step can be evaluated, served or shared without first being converted.
-    Files go into a temporary folder, each fsynced, and the folder is renamed to `step-N` last: a crash
-    at any moment leaves either the complete new checkpoint or none, and the older ones untouched.
     The optimizer and RNG states go to `torch.save` files made only of tensors and plain containers,
     so that `torch.load(weights_only=True)` reads them back.
     """
-    root = out_dir / CHECKPOINTS
-    final = root / f"{_CKPT_PREFIX}{step:08d}"
+    files = hf_files(model, base_config, preprocessor)
+    for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        files[name] = buf.getvalue()
+    files[STATE_FILE] = json_bytes(state, indent=1)
+    return files
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / CHECKPOINTS / f"{_CKPT_PREFIX}{step:08d}"
+
+
+def write_training_state(out_dir: Path, step: int, files: dict[str, bytes], keep: int) -> Path:
+    """`training_state_files` as checkpoints/step-N, whole or not at all; then older ones beyond `keep` go.
+
+    Files go into a temporary folder, each fsynced, and the folder is renamed to `step-N` last: a crash
+    at any moment leaves either the complete new checkpoint or none, and the older ones untouched.
+    """
+    final = checkpoint_dir(out_dir, step)
+    root = final.parent
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for name, data in hf_files(model, base_config, preprocessor).items():
+        for name, data in files.items():
             fileio.fsync_write(tmp / name, data)
-        for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            fileio.fsync_write(tmp / name, buf.getvalue())
-        fileio.fsync_write(tmp / STATE_FILE, json_bytes(state, indent=1))
         fsync_dir(tmp)
         old = None
         if final.exists():  # the same step saved again (an epoch-end save after a --save-steps one)
@@ -145,6 +176,51 @@ def save_training_state(out_dir: Path, step: int, model: ViT, base_config: dict,
                            "(the previous checkpoints are intact)") from None
     prune_checkpoints(out_dir, keep, step)
     return final
+
+
+class BackgroundWriter:
+    """Writes the best model and the checkpoints off the training's critical path, one save at a time.
+
+    Training hands over each save as bytes (a snapshot, copied off the device and serialised while it
+    waits); a thread writes, fsyncs and renames the files while the next steps run. A new save first
+    waits for the one in flight, so two never run at once and they land in order. A failed save is
+    raised in the training thread at the next `wait` (the next save, the end of the run, a signal):
+    the same one-line error it would have been in the foreground. The end of the run waits, so a
+    stopped run exits only once its checkpoint is whole.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done: tuple[str, float] | None = None  # the last save's description and seconds, once written
+
+    def submit(self, what: str, jobs: list[Callable[[], object]]) -> None:
+        """Run `jobs` in order on the writer's thread, once the save in flight, if any, has landed."""
+        self.wait()
+        # Not a daemon: an interpreter that exits by an unforeseen path still finishes the write.
+        self._thread = threading.Thread(target=self._run, args=(what, jobs), name="vitfood-writer")
+        self._thread.start()
+
+    def _run(self, what: str, jobs: list[Callable[[], object]]) -> None:
+        started = time.perf_counter()
+        try:
+            for job in jobs:
+                job()
+            self._done = (what, time.perf_counter() - started)
+        except BaseException as e:  # raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> tuple[str, float] | None:
+        """Until the save in flight has landed: (what it wrote, seconds it took), or None if there was none.
+        Raises its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        done, self._done = self._done, None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return done
 
 
 def prune_checkpoints(out_dir: Path, keep: int, saved_step: int) -> None:

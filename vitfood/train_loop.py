@@ -79,6 +79,7 @@ class Training:
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
     eval_passes: EvalPasses  # images per evaluation pass (--eval-batch-size, resolved; halved on out-of-memory)
+    writer: checkpoint.BackgroundWriter  # writes the best model and the checkpoints while training goes on
     caches: list[image_cache.ImageCache]  # decoded-image caches, made when the loop starts
     schedule: Schedule
     state: TrainState
@@ -139,7 +140,7 @@ def setup(cfg: TrainConfig) -> Training:
     ctx.console.start_progress(schedule.total_steps, state.step)
     return Training(ctx=ctx, inputs=inputs, train_net=train_net, eval_net=eval_net, ddp=ddp, optimizer=optimizer,
                     scaler=scaler, sampler=sampler, train_loader=train_loader, eval_loader=evals,
-                    eval_passes=eval_passes, caches=caches, schedule=schedule, state=state, facts=facts, bad=bad,
+                    eval_passes=eval_passes, writer=checkpoint.BackgroundWriter(), caches=caches, schedule=schedule, state=state, facts=facts, bad=bad,
                     log=log, stop=StopSignals(), hub_repo=hub_repo, steps_at_start=state.step, micro=micro,
                     retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world),
                     loss_sum=torch.tensor(state.loss_sum if ctx.dist.is_main else 0.0, device=ctx.device),
@@ -362,19 +363,23 @@ def end_epoch(t: Training, epoch: int) -> None:
                  "images_per_s": round(results["eval_samples"] / (time.perf_counter() - started), 2)})
     state.epochs_evaluated = epoch + 1
     ctx.timeline.mark(f"epoch {epoch + 1} evaluated")
+    best_jobs = []
     if state.best is None or results["eval_accuracy"] > state.best["eval_accuracy"]:
         state.best, state.best_step = results, state.step
         if ctx.dist.is_main:
-            checkpoint.save_best(ctx.out_dir, inputs.model, inputs.base_config, inputs.prep.to_hf_dict(), results)
-            report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, inputs.splits.label_names)
-            ctx.timeline.mark("best model saved")
+            files = checkpoint.best_model_files(inputs.model, inputs.base_config, inputs.prep.to_hf_dict(), results)
+            best_jobs = [lambda: checkpoint.write_best(ctx.out_dir, files),
+                         lambda: report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion,
+                                                       inputs.splits.label_names)]
+            ctx.timeline.mark("best model snapshot taken")
     ctx.write_bad_images(t.bad)
-    save_checkpoint(t)
+    save_checkpoint(t, first=best_jobs)
     t.t_log = time.perf_counter()  # evaluation time is not training throughput
 
 
-def save_checkpoint(t: Training):
-    """Rank 0 writes, the others wait: every rank holds the same weights after a step."""
+def save_checkpoint(t: Training, first: list = ()) -> Path | None:
+    """A snapshot of the training state, written by the background writer after the jobs `first` (the best
+    model's) while training goes on. Rank 0 writes, the others go on: every rank holds the same weights."""
     ctx, state = t.ctx, t.state
     path = None
     # The log window's loss summed over all ranks (each holds its own share): on resume rank 0 carries it.
@@ -383,18 +388,37 @@ def save_checkpoint(t: Training):
         state.bad_images = t.bad.found
         saved = {"run": state.to_dict(), "setup": t.facts, "config": asdict(t.cfg), "scaler": t.scaler.state_dict(),
                  "rng": host_rng_state()}
-        path = checkpoint.save_training_state(ctx.out_dir, state.step, t.model, t.inputs.base_config,
-                                              t.inputs.prep.to_hf_dict(), t.optimizer.state_dict(),
-                                              tensor_rng_state(ctx.device), saved, t.cfg.save_total_limit)
-        ctx.timeline.mark(f"checkpoint {path.name} saved")
+        files = checkpoint.training_state_files(t.model, t.inputs.base_config, t.inputs.prep.to_hf_dict(),
+                                                t.optimizer.state_dict(), tensor_rng_state(ctx.device), saved)
+        path = checkpoint.checkpoint_dir(ctx.out_dir, state.step)
+        ctx.timeline.mark(f"checkpoint {path.name} snapshot taken")
+        written = t.writer.wait()  # the previous save, if still in flight: never two at once
+        mark_written(ctx, written)
+        step, keep = state.step, t.cfg.save_total_limit  # as they are now: training goes on while it writes
+        t.writer.submit(f"checkpoint {path.name}{' and the best model' if first else ''}",
+                        [*first, lambda: checkpoint.write_training_state(ctx.out_dir, step, files, keep)])
     barrier(ctx.dist)
     return path
+
+
+def mark_written(ctx: RunContext, written: tuple[str, float] | None) -> None:
+    if written is not None:
+        ctx.timeline.mark(f"{written[0]} written ({written[1]:.2f} s in the background)")
 
 
 # ---------------------------------------------------------------- the end
 
 def close(t: Training, status: str) -> None:
-    """However the loop ended: signal handlers back, caches gone, logs closed, run.json's status."""
+    """However the loop ended: the last save landed, signal handlers back, caches gone, logs closed, run.json's
+    status. A save that failed in the background is raised here, in place of whatever else ended the loop:
+    it came first, and a run stopped by a signal must not say its checkpoint is there when it is not."""
+    try:
+        mark_written(t.ctx, t.writer.wait())
+    finally:
+        close_the_rest(t, status)
+
+
+def close_the_rest(t: Training, status: str) -> None:
     t.stop.restore()
     t.ctx.console.close()
     if t.caches:  # derived data only; open files in the workers stay readable until they exit
