@@ -11,8 +11,9 @@
 #                                   (12,000/134 = 90 s of steps, plus evaluations and saves: about 2.5
 #                                   minutes) and tuned, compiled (it compiles again for the short last
 #                                   batches: about 2 minutes) and eager (about 0.5-1 minute); with the JPEGs,
-#                                   the checkpoint and the Arrow conversion (about 1 minute): about 6.5
-#                                   minutes, 8 at worst
+#                                   the checkpoint and the Arrow conversion (about 1 minute), and a
+#                                   save's cost to the training thread (bench_saves.py, about 1 minute):
+#                                   about 7.5 minutes, 9 at worst
 #   benchmarks/gpu_all.sh steady    6,400 JPEGs x 4 epochs = 20,480 training images: train.py at its defaults,
 #                                   (eager at 64 images a pass: about 1 minute), with the best flags (256 a
 #                                   step, compiled: about 1.5 minutes) and those again with a warm compiler
@@ -62,6 +63,7 @@ if [ "$part" = guide ] || [ "$part" = all ]; then
   # The goals: train.py at its defaults >= 8x the Trainer as written and >= 4x the faster tuned Trainer,
   # whole process; its fixed cost <= 15 s.
   python3 benchmarks/bench_train.py guide-job --images 5000 --epochs 3 --data-backend "$BACKEND" $J
+  python3 benchmarks/bench_saves.py --model-size base --repeats 4 $J  # a save's cost to the training thread (~1 min)
 fi
 
 if [ "$part" = steady ] || [ "$part" = all ]; then

@@ -151,3 +151,9 @@ def test_vit_base_flops_match_the_published_figure():
     from vitfood.model import ViTArch
 
     assert count_flops_per_image(ViTArch(), 101) == pytest.approx(35.2e9, rel=0.01)
+
+
+def test_bench_saves_smoke(tmp_path):
+    rows = bench("bench_saves.py", "--model-size", "tiny", "--repeats", 1, work=tmp_path)
+    assert [r["save"].split(",")[0] for r in rows] == ["checkpoint", "best model"]
+    assert all(r["whole save s"] > 0 and r["snapshot s"] > 0 for r in rows)
