@@ -20,7 +20,7 @@ import torch
 from common import make_vit_checkpoint, table, versions, write_jsonl
 
 from vitfood import checkpoint
-from vitfood.model import load_model
+from vitfood.model import hf_files, load_model
 from vitfood.optim import build_optimizer
 
 
@@ -54,14 +54,15 @@ def main():
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     step = iter(range(1, 10**6))
+    files = lambda: hf_files(model, base_config, prep)  # noqa: E731
     whole = seconds(lambda: checkpoint.save_training_state(out, next(step), model, base_config, prep,
                                                             optimizer.state_dict(), {}, state, 1), args.repeats)
-    snapshot = seconds(lambda: checkpoint.training_state_files(model, base_config, prep, optimizer.state_dict(),
-                                                              {}, state), args.repeats)
-    best_whole = seconds(lambda: checkpoint.save_best(out, model, base_config, prep, results), args.repeats)
-    best_snapshot = seconds(lambda: checkpoint.best_model_files(model, base_config, prep, results), args.repeats)
-    size = sum(len(v) for v in checkpoint.training_state_files(model, base_config, prep, optimizer.state_dict(),
-                                                               {}, state).values())
+    snapshot = seconds(lambda: checkpoint.training_state_files(files(), optimizer.state_dict(), {}, state),
+                       args.repeats)
+    best_whole = seconds(lambda: checkpoint.write_best(out, checkpoint.best_model_files(files(), results)),
+                         args.repeats)
+    best_snapshot = seconds(lambda: checkpoint.best_model_files(files(), results), args.repeats)
+    size = sum(len(v) for v in checkpoint.training_state_files(files(), optimizer.state_dict(), {}, state).values())
     rows = [{"save": f"checkpoint, {size / 1e6:,.0f} MB", "whole save s": statistics.median(whole),
              "snapshot s": statistics.median(snapshot)},
             {"save": "best model", "whole save s": statistics.median(best_whole),

@@ -104,11 +104,12 @@ def test_a_run_that_learns_nothing_says_so(backbone_dir, tmp_path):
     record = json.loads((out / "run.json").read_text())
     events = [e["event"] for e in record["timeline"]]
     for event in ("imports done", "dataset and model loaded", "training started",
-                  "first optimizer step done (with any compilation)", "epoch 1 evaluated", "best model snapshot taken",
-                  "checkpoint step-00000003 snapshot taken", "report and model card written"):
+                  "first optimizer step done (with any compilation)", "epoch 1 evaluated",
+                  "checkpoint step-00000003 and the best model: snapshot taken", "report and model card written"):
         assert event in events
     # Written by the background writer while the run went on; the end of the run waited for it.
-    written = [e for e in events if e.startswith("checkpoint step-00000003 and the best model written (")]
+    written = [e for e in events if e.startswith("checkpoint step-00000003 and the best model written in the "
+                                                 "background in ")]
     assert len(written) == 1 and events.index(written[0]) < events.index("report and model card written")
     times = [e["at_s"] for e in record["timeline"]]
     assert times == sorted(times) and 0 < times[0] < times[-1] < 120

@@ -220,6 +220,7 @@ def test_a_full_disk_stops_with_the_previous_checkpoint_intact(backbone_dir, fol
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "No space left on device" in r.stderr and "previous checkpoints are intact" in r.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]  # no half-written leftovers
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
     # More room, then resume: nothing was lost, the run ends exactly as an uninterrupted one.
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
     r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--resume-from-checkpoint")

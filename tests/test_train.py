@@ -254,3 +254,28 @@ def test_compiled_training_saves_the_same_plain_model(backbone_dir, tmp_path):
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=0, msg=k)
     ckpt = sorted((tmp_path / "compiled" / "checkpoints").iterdir())[-1]
     assert not any("_orig_mod" in k for k in load_file(str(ckpt / "model.safetensors")))
+
+
+def test_a_failed_last_save_fails_the_run_and_another_error_keeps_its_place(backbone_dir, image_folder, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The last checkpoint is written in the background after the loop ends: its failure is the run's error
+    (run.json says failed). When the loop itself failed, its own error goes on and the save's is one more line."""
+    from vitfood import checkpoint, train_loop
+
+    def full_disk(out_dir, step, files, keep):
+        raise VitfoodError(f"cannot save a checkpoint to {out_dir / 'checkpoints'}: No space left on device "
+                           "(the previous checkpoints are intact)")
+
+    monkeypatch.setattr(checkpoint, "write_training_state", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(VitfoodError, match="No space left on device"):
+        train(config(backbone_dir, image_folder, out))
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+    def broken_report(t):
+        raise RuntimeError("the loop's own error")
+
+    monkeypatch.setattr(train_loop, "end_epoch", lambda t, epoch: (train_loop.save_checkpoint(t), broken_report(t)))
+    with pytest.raises(RuntimeError, match="the loop's own error"):
+        train(config(backbone_dir, image_folder, tmp_path / "second"))
+    assert "vitfood: the last save failed too: cannot save a checkpoint" in capsys.readouterr().err

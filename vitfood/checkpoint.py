@@ -75,13 +75,10 @@ def _make_writable_dir(out_dir: Path) -> None:
             path.rmdir()
 
 
-def save_best(out_dir: Path, model: ViT, base_config: dict, preprocessor: dict, results: dict) -> None:
-    write_best(out_dir, best_model_files(model, base_config, preprocessor, results))
-
-
-def best_model_files(model: ViT, base_config: dict, preprocessor: dict, results: dict) -> dict[str, bytes]:
-    """The best model's files: the model in Hugging Face format, then the results that describe it."""
-    return {**hf_files(model, base_config, preprocessor), EVAL_RESULTS: json_bytes(results)}
+def best_model_files(model_files: dict[str, bytes], results: dict) -> dict[str, bytes]:
+    """The best model's files: the model in Hugging Face format (`model.hf_files`), then the results that
+    describe it."""
+    return {**model_files, EVAL_RESULTS: json_bytes(results)}
 
 
 def write_best(out_dir: Path, files: dict[str, bytes]) -> None:
@@ -120,24 +117,24 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 def save_training_state(out_dir: Path, step: int, model: ViT, base_config: dict, preprocessor: dict,
                         optimizer_state: dict, rng_state: dict, state: dict, keep: int) -> Path:
     """Everything needed to continue the run exactly, written whole or not at all (see write_training_state)."""
-    files = training_state_files(model, base_config, preprocessor, optimizer_state, rng_state, state)
+    files = training_state_files(hf_files(model, base_config, preprocessor), optimizer_state, rng_state, state)
     return write_training_state(out_dir, step, files, keep)
 
 
-def training_state_files(model: ViT, base_config: dict, preprocessor: dict, optimizer_state: dict,
-                         rng_state: dict, state: dict) -> dict[str, bytes]:
+def training_state_files(model_files: dict[str, bytes], optimizer_state: dict, rng_state: dict,
+                         state: dict) -> dict[str, bytes]:
     """A checkpoint's files, by name, in the order to write them: a snapshot, copied off the device.
 
-    The folder is also a complete Hugging Face model (the same files as the best model at the top of
-    the output folder), so any step can be evaluated, served or shared without first being converted.
-    The optimizer and RNG states go to `torch.save` files made only of tensors and plain containers,
-    so that `torch.load(weights_only=True)` reads them back.
+    The folder is also a complete Hugging Face model (`model_files`, the same files as the best model at
+    the top of the output folder), so any step can be evaluated, served or shared without first being
+    converted. The optimizer and RNG states go to `torch.save` files made only of tensors and plain
+    containers, so that `torch.load(weights_only=True)` reads them back.
     """
-    files = hf_files(model, base_config, preprocessor)
+    files = dict(model_files)
     for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
         buf = io.BytesIO()
         torch.save(obj, buf)
-        files[name] = buf.getvalue()
+        files[name] = buf.getbuffer()  # a view, not a copy: a snapshot of AdamW's state is large enough once
     files[STATE_FILE] = json_bytes(state, indent=1)
     return files
 
@@ -146,7 +143,7 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
     return out_dir / CHECKPOINTS / f"{_CKPT_PREFIX}{step:08d}"
 
 
-def write_training_state(out_dir: Path, step: int, files: dict[str, bytes], keep: int) -> Path:
+def write_training_state(out_dir: Path, step: int, files: dict, keep: int) -> Path:
     """`training_state_files` as checkpoints/step-N, whole or not at all; then older ones beyond `keep` go.
 
     Files go into a temporary folder, each fsynced, and the folder is renamed to `step-N` last: a crash
@@ -209,6 +206,11 @@ class BackgroundWriter:
             self._done = (what, time.perf_counter() - started)
         except BaseException as e:  # raised in the training thread by wait()
             self._error = e
+
+    def raise_if_failed(self) -> None:
+        """A save that has failed already, raised now rather than at the next save (cheap: once a step)."""
+        if self._error is not None:
+            self.wait()
 
     def wait(self) -> tuple[str, float] | None:
         """Until the save in flight has landed: (what it wrote, seconds it took), or None if there was none.

@@ -100,7 +100,8 @@ def deterministic_algorithms(on: bool):
     (train() may be called again from Python). An operation with no deterministic version is one error naming it.
 
     cuBLAS computes deterministically only with a fixed workspace, read when it starts: set here, before the
-    model is built and before any matmul. cuDNN's benchmark mode would pick its kernels by timing them.
+    model is built and before any matmul, and left set (harmless). A process that ran cuBLAS before calling
+    train() keeps the workspace it started with. cuDNN's benchmark mode would pick its kernels by timing them.
     """
     if not on:
         yield

@@ -292,6 +292,7 @@ class _PilBatches:
     def __init__(self, clf: Classifier, pool: _DecodePool, timeout: float):
         self.clf, self.pool, self.timeout = clf, pool, timeout
         self.decode_cpu_seconds: list[float] = []  # one entry per image, appended by the pool's threads
+        self.measuring = True  # until _CoreShare has what it needs
 
     def start(self, batch: list) -> list[Future | NoImagesError]:
         return [x if isinstance(x, NoImagesError) else self.pool.submit(self._decode, x) for x in batch]
@@ -301,7 +302,8 @@ class _PilBatches:
         try:
             return decode_source(self.clf, source, self.timeout)
         finally:
-            self.decode_cpu_seconds.append(time.thread_time() - started)
+            if self.measuring:
+                self.decode_cpu_seconds.append(time.thread_time() - started)
 
     def finish(self, batch: list, jobs: list) -> tuple[list[Result], list[int], torch.Tensor | None]:
         results, ready = _collect(batch, jobs)
@@ -410,13 +412,17 @@ def math_threads(decode_cpu_seconds: float, model_cpu_seconds: float, threads: i
 
 class _CoreShare:
     """On the CPU: after the first batches, gives the model as many math threads as its share of the
-    work calls for (`math_threads`), and the process its own number back when the stream ends."""
+    work calls for (`math_threads`), and the process its own number back when the stream ends.
+
+    torch's thread count belongs to the whole process: two streams at once in one process share it, and
+    the one that ends first leaves it as the other set it; each gives back only what it set itself.
+    """
 
     MEASURED_BATCHES = 2  # after the first, whose time includes the kernels' one-off set-up
 
     def __init__(self, stage: _PilBatches):
         self.stage, self.model_seconds, self.images, self.batches = stage, 0.0, 0, 0
-        self.threads_before = torch.get_num_threads()
+        self.threads_before, self.threads_set = torch.get_num_threads(), None
 
     def model_ran(self, seconds: float, images: int) -> None:
         self.batches += 1
@@ -424,13 +430,16 @@ class _CoreShare:
             return
         self.model_seconds, self.images = self.model_seconds + seconds, self.images + images
         if self.batches == 1 + self.MEASURED_BATCHES:
+            self.stage.measuring = False
             decoded = self.stage.decode_cpu_seconds
             # Wall time x threads: the model's CPU seconds at most (its threads also wait on one another).
             model_cpu = self.model_seconds / self.images * self.threads_before
-            torch.set_num_threads(math_threads(sum(decoded) / len(decoded), model_cpu, self.threads_before))
+            self.threads_set = math_threads(sum(decoded) / len(decoded), model_cpu, self.threads_before)
+            torch.set_num_threads(self.threads_set)
 
     def close(self) -> None:
-        torch.set_num_threads(self.threads_before)
+        if self.threads_set is not None and torch.get_num_threads() == self.threads_set:
+            torch.set_num_threads(self.threads_before)
 
 
 def classify_stream(clf: Classifier, inputs: list[str | NoImagesError], top_k: int = 5, batch_size: int = 32,
@@ -456,10 +465,10 @@ def classify_stream(clf: Classifier, inputs: list[str | NoImagesError], top_k: i
             current, pending = pending, stage.start(batches[k + 1]) if k + 1 < len(batches) else None
             results, good, pixels = stage.finish(batch, current)
             if good:
-                started = time.perf_counter()
+                model_started = time.perf_counter()
                 logits = clf.logits_of_batch(pixels, precision)
                 if share:
-                    share.model_ran(time.perf_counter() - started, len(good))
+                    share.model_ran(time.perf_counter() - model_started, len(good))
                 for i, preds in zip(good, topk_predictions(logits, clf.labels, top_k)):
                     results[i].predictions = preds
             yield from results

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from vitfood import checkpoint, data, image_cache, logs, publish, report
 from vitfood.config import TrainConfig
 from vitfood.distributed import all_reduce_sum, autocast, barrier, usable_cores
-from vitfood.errors import VitfoodError
+from vitfood.errors import VitfoodError, first_line
 from vitfood.evaluation import EvalPasses, evaluate, learning_verdict
 from vitfood.execution import (compile_decision, deterministic_algorithms, oom_retry_allowed, resolve_micro_batch,
                                wrap_model)
 from vitfood.fileio import atomic_write_bytes
+from vitfood.model import hf_files
 from vitfood.model_card import MODEL_CARD, model_card
 from vitfood.optim import Schedule, build_optimizer
 from vitfood.preprocess import training_pixels_cap
@@ -329,8 +330,9 @@ def after_step(t: Training, lr: float, grad_norm, seen: int, epoch_done: bool) -
         t.ctx.timeline.mark("first optimizer step done (with any compilation)")
     if step % t.cfg.logging_steps == 0 or step == t.schedule.total_steps:
         log_train(t, lr, grad_norm)
+    t.writer.raise_if_failed()  # a failed save stops the run now, not at the next save
     if t.stop.requested(t.ctx.dist, t.ctx.device):
-        path = save_checkpoint(t)
+        path = save_checkpoint(t, wait=True)
         raise TrainingInterrupted(t.stop.signum, path or t.ctx.out_dir)
     if t.cfg.save_steps and step % t.cfg.save_steps == 0 and not epoch_done:
         save_checkpoint(t)  # (an epoch's last step is saved after its evaluation instead)
@@ -363,57 +365,80 @@ def end_epoch(t: Training, epoch: int) -> None:
                  "images_per_s": round(results["eval_samples"] / (time.perf_counter() - started), 2)})
     state.epochs_evaluated = epoch + 1
     ctx.timeline.mark(f"epoch {epoch + 1} evaluated")
-    best_jobs = []
+    best = None
     if state.best is None or results["eval_accuracy"] > state.best["eval_accuracy"]:
-        state.best, state.best_step = results, state.step
-        if ctx.dist.is_main:
-            files = checkpoint.best_model_files(inputs.model, inputs.base_config, inputs.prep.to_hf_dict(), results)
-            best_jobs = [lambda: checkpoint.write_best(ctx.out_dir, files),
-                         lambda: report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion,
-                                                       inputs.splits.label_names)]
-            ctx.timeline.mark("best model snapshot taken")
+        state.best, state.best_step, best = results, state.step, (results, confusion)
     ctx.write_bad_images(t.bad)
-    save_checkpoint(t, first=best_jobs)
+    save_checkpoint(t, best=best)
     t.t_log = time.perf_counter()  # evaluation time is not training throughput
 
 
-def save_checkpoint(t: Training, first: list = ()) -> Path | None:
-    """A snapshot of the training state, written by the background writer after the jobs `first` (the best
-    model's) while training goes on. Rank 0 writes, the others go on: every rank holds the same weights."""
+def save_checkpoint(t: Training, best: tuple | None = None, wait: bool = False) -> Path | None:
+    """A snapshot of the training state (and, with `best` = (results, confusion), of the new best model),
+    written by the background writer while training goes on. Rank 0 writes; every rank holds the same
+    weights. `wait`: return once it is on the disk, on every rank (a stopping run: under torchrun a rank
+    that exits first gets the others killed)."""
     ctx, state = t.ctx, t.state
     path = None
     # The log window's loss summed over all ranks (each holds its own share): on resume rank 0 carries it.
     state.loss_sum = float(all_reduce_sum(t.loss_sum.clone(), ctx.dist).item())
     if ctx.dist.is_main:
+        mark_written(ctx, t.writer.wait())  # the save in flight lands first: one snapshot in memory at a time
         state.bad_images = t.bad.found
         saved = {"run": state.to_dict(), "setup": t.facts, "config": asdict(t.cfg), "scaler": t.scaler.state_dict(),
                  "rng": host_rng_state()}
-        files = checkpoint.training_state_files(t.model, t.inputs.base_config, t.inputs.prep.to_hf_dict(),
-                                                t.optimizer.state_dict(), tensor_rng_state(ctx.device), saved)
+        model_files = hf_files(t.model, t.inputs.base_config, t.inputs.prep.to_hf_dict())  # once for both saves
+        files = checkpoint.training_state_files(model_files, t.optimizer.state_dict(), tensor_rng_state(ctx.device),
+                                                saved)
         path = checkpoint.checkpoint_dir(ctx.out_dir, state.step)
-        ctx.timeline.mark(f"checkpoint {path.name} snapshot taken")
-        written = t.writer.wait()  # the previous save, if still in flight: never two at once
-        mark_written(ctx, written)
-        step, keep = state.step, t.cfg.save_total_limit  # as they are now: training goes on while it writes
-        t.writer.submit(f"checkpoint {path.name}{' and the best model' if first else ''}",
-                        [*first, lambda: checkpoint.write_training_state(ctx.out_dir, step, files, keep)])
+        what = f"checkpoint {path.name}" + (" and the best model" if best else "")
+        ctx.timeline.mark(f"{what}: snapshot taken")
+        t.writer.submit(what, [*best_model_jobs(t, model_files, best),
+                               write_checkpoint_job(ctx.out_dir, state.step, files, t.cfg.save_total_limit)])
+        if wait:
+            mark_written(ctx, t.writer.wait())
     barrier(ctx.dist)
     return path
 
 
+def best_model_jobs(t: Training, model_files: dict, best: tuple | None) -> list:
+    """The writer's jobs for a new best model: its files at the top of the output folder, its confusion matrix."""
+    if best is None:
+        return []
+    results, confusion = best
+    out_dir, labels = t.ctx.out_dir, t.inputs.splits.label_names
+    files = checkpoint.best_model_files(model_files, results)
+    return [lambda: checkpoint.write_best(out_dir, files),
+            lambda: report.save_confusion(out_dir / report.CONFUSION_JSON, confusion, labels)]
+
+
+def write_checkpoint_job(out_dir: Path, step: int, files: dict, keep: int):
+    """The writer's job for a checkpoint, with the step and files of now (training goes on while it writes)."""
+    return lambda: checkpoint.write_training_state(out_dir, step, files, keep)
+
+
 def mark_written(ctx: RunContext, written: tuple[str, float] | None) -> None:
+    """The timeline's note of a save the writer finished, made when the training thread next looks."""
     if written is not None:
-        ctx.timeline.mark(f"{written[0]} written ({written[1]:.2f} s in the background)")
+        ctx.timeline.mark(f"{written[0]} written in the background in {written[1]:.2f} s (noted at the next save "
+                          "or the end)")
 
 
 # ---------------------------------------------------------------- the end
 
 def close(t: Training, status: str) -> None:
     """However the loop ended: the last save landed, signal handlers back, caches gone, logs closed, run.json's
-    status. A save that failed in the background is raised here, in place of whatever else ended the loop:
-    it came first, and a run stopped by a signal must not say its checkpoint is there when it is not."""
+    status. A save that failed in the background is raised here when the loop finished or was stopped (a
+    stopped run must not say its checkpoint is there when it is not); after another error, that error
+    goes on and the failed save is one more line."""
     try:
         mark_written(t.ctx, t.writer.wait())
+    except BaseException as e:
+        if status != "failed":  # finished, or interrupted: the failed save is the news, and the run failed
+            status = "failed"
+            raise
+        # The loop's own error goes on (it says why the run stopped); the save's is one more line.
+        t.ctx.say(f"vitfood: the last save failed too: {first_line(e).removeprefix('VitfoodError: ')}")
     finally:
         close_the_rest(t, status)
 
