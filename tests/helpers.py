@@ -82,3 +82,19 @@ def run(script: str, *args, env_extra: dict | None = None, timeout: int = 180, c
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=cwd or ROOT)
+
+
+def fake_small_gpu_in_evaluation(monkeypatch, fits: int) -> None:
+    """Evaluation passes of more than `fits` images run out of memory, as on a small GPU (faked on the CPU)."""
+    import torch
+
+    from vitfood import evaluation
+
+    real = evaluation.forward
+
+    def small_gpu(net, pixels, *rest):
+        if len(pixels) > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(net, pixels, *rest)
+
+    monkeypatch.setattr(evaluation, "forward", small_gpu)

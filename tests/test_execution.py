@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from helpers import CLASSES, make_checkpoint, make_image_folder
-from vitfood import data, evaluation, run
+from helpers import CLASSES, fake_small_gpu_in_evaluation, make_checkpoint, make_image_folder
+from vitfood import data, run
 from vitfood.config import TrainConfig
 from vitfood.distributed import Dist
 from vitfood.errors import VitfoodError
@@ -122,14 +122,7 @@ def test_eval_only_goes_on_after_an_out_of_memory(tmp_path, monkeypatch, capsys)
     args = ["--eval-only", "--model", str(model), "--dataset", str(folder), "--batch-size", "4",
             "--eval-batch-size", "16", "--num-workers", "0"]
     assert train_main([*args, "--output-dir", str(tmp_path / "a")]) == 0
-    real = evaluation.forward
-
-    def small_gpu(net, pixels, *rest):
-        if len(pixels) > 4:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(net, pixels, *rest)
-
-    monkeypatch.setattr(evaluation, "forward", small_gpu)
+    fake_small_gpu_in_evaluation(monkeypatch, fits=4)
     assert train_main([*args, "--output-dir", str(tmp_path / "c")]) == 2  # the CPU: no retry, one line
     assert capsys.readouterr().err.splitlines()[-1] == (
         "train.py: error: out of memory in evaluation at 16 images per pass (OutOfMemoryError: CUDA out of memory "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_image_folder
+from helpers import fake_small_gpu_in_evaluation, make_image_folder
 from vitfood.config import TrainConfig
 from vitfood.errors import VitfoodError
 from vitfood.model import load_model
@@ -88,17 +88,10 @@ def test_evaluations_go_on_after_an_out_of_memory_at_the_halved_size(backbone_di
                                                                      monkeypatch, capsys):
     # A GPU is faked by evaluation passes that run out of memory above 4 images: epoch 1's evaluation halves
     # 16 to 8 to 4, epoch 2's starts at 4; the training and the metrics are those of an unhalved run.
-    from vitfood import evaluation, run
+    from vitfood import run
 
     whole = train(config(backbone_dir, image_folder, tmp_path / "a", epochs=2))
-    real = evaluation.forward
-
-    def small_gpu(net, pixels, *rest):
-        if len(pixels) > 4:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(net, pixels, *rest)
-
-    monkeypatch.setattr(evaluation, "forward", small_gpu)
+    fake_small_gpu_in_evaluation(monkeypatch, fits=4)
     monkeypatch.setattr(run, "eval_oom_retry_allowed", lambda device: True)
     capsys.readouterr()
     halved = train(config(backbone_dir, image_folder, tmp_path / "b", epochs=2))
