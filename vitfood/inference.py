@@ -292,7 +292,7 @@ class _PilBatches:
     def __init__(self, clf: Classifier, pool: _DecodePool, timeout: float):
         self.clf, self.pool, self.timeout = clf, pool, timeout
         self.decode_cpu_seconds: list[float] = []  # one entry per image, appended by the pool's threads
-        self.measuring = True  # until _CoreShare has what it needs
+        self.measuring = False  # while a _CoreShare needs the decoding's costs
 
     def start(self, batch: list) -> list[Future | NoImagesError]:
         return [x if isinstance(x, NoImagesError) else self.pool.submit(self._decode, x) for x in batch]
@@ -423,6 +423,7 @@ class _CoreShare:
     def __init__(self, stage: _PilBatches):
         self.stage, self.model_seconds, self.images, self.batches = stage, 0.0, 0, 0
         self.threads_before, self.threads_set = torch.get_num_threads(), None
+        stage.measuring = True
 
     def model_ran(self, seconds: float, images: int) -> None:
         self.batches += 1

@@ -418,10 +418,10 @@ def write_checkpoint_job(out_dir: Path, step: int, files: dict, keep: int):
 
 
 def mark_written(ctx: RunContext, written: tuple[str, float] | None) -> None:
-    """The timeline's note of a save the writer finished, made when the training thread next looks."""
+    """The timeline's note of a save the writer finished, made when the training thread next waits for it (at
+    the next save, or the end): its place in the timeline is that wait, not the moment the write ended."""
     if written is not None:
-        ctx.timeline.mark(f"{written[0]} written in the background in {written[1]:.2f} s (noted at the next save "
-                          "or the end)")
+        ctx.timeline.mark(f"{written[0]} written in the background in {written[1]:.2f} s")
 
 
 # ---------------------------------------------------------------- the end
@@ -434,8 +434,8 @@ def close(t: Training, status: str) -> None:
     try:
         mark_written(t.ctx, t.writer.wait())
     except BaseException as e:
-        if status != "failed":  # finished, or interrupted: the failed save is the news, and the run failed
-            status = "failed"
+        if status != "failed" or not isinstance(e, Exception):  # the failed save is the news; or a Ctrl-C
+            status = "failed" if isinstance(e, Exception) else "interrupted"
             raise
         # The loop's own error goes on (it says why the run stopped); the save's is one more line.
         t.ctx.say(f"vitfood: the last save failed too: {first_line(e).removeprefix('VitfoodError: ')}")
