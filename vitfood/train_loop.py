@@ -141,8 +141,9 @@ def setup(cfg: TrainConfig) -> Training:
     ctx.console.start_progress(schedule.total_steps, state.step)
     return Training(ctx=ctx, inputs=inputs, train_net=train_net, eval_net=eval_net, ddp=ddp, optimizer=optimizer,
                     scaler=scaler, sampler=sampler, train_loader=train_loader, eval_loader=evals,
-                    eval_passes=eval_passes, writer=checkpoint.BackgroundWriter(), caches=caches, schedule=schedule, state=state, facts=facts, bad=bad,
-                    log=log, stop=StopSignals(), hub_repo=hub_repo, steps_at_start=state.step, micro=micro,
+                    eval_passes=eval_passes, writer=checkpoint.BackgroundWriter(), caches=caches, schedule=schedule,
+                    state=state, facts=facts, bad=bad, log=log, stop=StopSignals(), hub_repo=hub_repo,
+                    steps_at_start=state.step, micro=micro,
                     retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world),
                     loss_sum=torch.tensor(state.loss_sum if ctx.dist.is_main else 0.0, device=ctx.device),
                     t_log=time.perf_counter())
@@ -444,6 +445,7 @@ def close(t: Training, status: str) -> None:
 
 
 def close_the_rest(t: Training, status: str) -> None:
+    """close() once no save is in flight."""
     t.stop.restore()
     t.ctx.console.close()
     if t.caches:  # derived data only; open files in the workers stay readable until they exit
