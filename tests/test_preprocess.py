@@ -61,3 +61,16 @@ def test_eval_resize_with_another_filter_still_takes_pillow():
     img = _noise(90, 50, 7)
     expected = np.asarray(img.resize((32, 32), Image.Resampling.LANCZOS))
     assert np.array_equal(prep.eval_resize(img), expected)
+
+
+def test_another_filter_with_shortest_edge_crops_as_pillow_does():
+    """The Pillow branch shares the torch branch's crop: a black border where the crop is larger than the resize."""
+    rng = np.random.default_rng(3)
+    for shortest_edge, crop in [(40, 32), (30, 48)]:
+        prep = Preprocessing(crop, crop, shortest_edge=shortest_edge, resample=Image.Resampling.LANCZOS)
+        for w, h in [(90, 50), (50, 90), (33, 33)]:
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            rw, rh, left, top = prep.resize_box(w, h)
+            expected = np.asarray(img.resize((rw, rh), Image.Resampling.LANCZOS).crop((left, top, left + crop,
+                                                                                        top + crop)))
+            assert np.array_equal(prep.eval_resize(img), expected), (shortest_edge, crop, w, h)

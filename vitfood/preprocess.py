@@ -117,16 +117,14 @@ class Preprocessing:
         rw, rh, left, top = self.resize_box(*img.size)
         mode = _TORCH_FILTERS.get(self.resample)
         if mode is None:
-            out = img.resize((rw, rh), self.resample)
-            if (rw, rh) != (self.width, self.height):
-                out = out.crop((left, top, left + self.width, top + self.height))
-            return np.asarray(out, dtype=np.uint8)
-        pixels = np.array(img, dtype=np.uint8)  # writable: torch.from_numpy refuses read-only memory
-        if (rw, rh) != img.size:
-            # HWC memory seen as NCHW is channels-last: torch's vectorised uint8 path, no transposing copy.
-            x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
-            x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=mode, antialias=True, align_corners=False)
-            pixels = x[0].permute(1, 2, 0).numpy()
+            pixels = np.asarray(img.resize((rw, rh), self.resample), dtype=np.uint8)
+        else:
+            pixels = np.array(img, dtype=np.uint8)  # writable: torch.from_numpy refuses read-only memory
+            if (rw, rh) != img.size:
+                # HWC memory seen as NCHW is channels-last: torch's vectorised uint8 path, no transposing copy.
+                x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+                x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=mode, antialias=True, align_corners=False)
+                pixels = x[0].permute(1, 2, 0).numpy()
         if (rw, rh) != (self.width, self.height):
             pixels = _crop_or_pad(pixels, left, top, self.width, self.height)
         return np.ascontiguousarray(pixels)
