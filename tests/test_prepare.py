@@ -101,7 +101,7 @@ def test_prepared_folders_train_offline_with_the_printed_command(online, tmp_pat
                                 "model", "model/config.json", "model/model.safetensors",
                                 "model/preprocessor_config.json"]
     assert TRAIN_SHARDS[2] not in online and TRAIN_SHARDS[:2] == [f for f in online if f.endswith(".parquet")]
-    assert "15 images of train; 3 classes" in out and "a ViT of 2 layers at 32x32" in out
+    assert "15 images of train; 3 classes" in out and "Vision Transformer (ViT) at 32x32" in out
 
     words = shlex.split(command)
     assert words[:2] == ["python", "train.py"]

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from vitfood import fileio
 from vitfood.errors import VitfoodError, first_line
-from vitfood.fileio import fsync_dir, human_bytes, json_bytes, read_json
-from vitfood.model import CONFIG_NAME, SAFETENSORS_NAME, ViT, ViTArch, from_hf_classifier_state_dict, hf_files
+from vitfood.fileio import fsync_dir, human_bytes, json_bytes
+from vitfood.models import SAFETENSORS_NAME, ImageClassifier, hf_files, state_from_folder
 
 EVAL_RESULTS = "eval_results.json"
 METRICS = "metrics.jsonl"
@@ -114,7 +114,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def save_training_state(out_dir: Path, step: int, model: ViT, base_config: dict, preprocessor: dict,
+def save_training_state(out_dir: Path, step: int, model: ImageClassifier, base_config: dict, preprocessor: dict,
                         optimizer_state: dict, rng_state: dict, state: dict, keep: int) -> Path:
     """Everything needed to continue the run exactly, written whole or not at all (see write_training_state)."""
     files = training_state_files(hf_files(model, base_config, preprocessor), optimizer_state, rng_state, state)
@@ -252,11 +252,11 @@ def find_checkpoint(out_dir: Path, requested: str) -> Path:
     return path
 
 
-def load_training_state(path: Path) -> tuple[dict, dict, dict, dict]:
-    """(model state under vitfood's own names, optimizer state, RNG state, trainer state).
+def load_training_state(path: Path, trust_remote_code: bool = False) -> tuple[dict, dict, dict, dict]:
+    """(model state as the model's `load_state_dict` takes it, optimizer state, RNG state, trainer state).
 
     Pickled code is refused, not run. Checkpoints written before they became Hugging Face models hold
-    vitfood's own names (a fused `qkv`, no config.json); they are told apart by their keys and still resume.
+    vitfood's own ViT names (a fused `qkv`, no config.json); they are told apart by their keys and still resume.
     """
     weights = _read_part(path, SAFETENSORS_NAME, lambda f: load_file(str(f)))
     optimizer_state = _read_part(path, OPTIMIZER_FILE, _torch_load)
@@ -264,9 +264,7 @@ def load_training_state(path: Path) -> tuple[dict, dict, dict, dict]:
     state = _read_part(path, STATE_FILE, lambda f: json.loads(f.read_text()))
     if "cls_token" in weights:  # the old format: already what ViT.load_state_dict takes
         return weights, optimizer_state, rng_state, state
-    config = read_json(path / CONFIG_NAME)
-    arch = ViTArch.from_hf_config(config, str(path / CONFIG_NAME))
-    model_state = from_hf_classifier_state_dict(weights, arch, str(path / SAFETENSORS_NAME))
+    model_state = state_from_folder(path, trust_remote_code)  # the checkpoint's family reads its own files
     return model_state, optimizer_state, rng_state, state
 
 

@@ -106,6 +106,9 @@ def infer_main(argv: list[str] | None = None) -> int:
                         help="where images are decoded and resized. gpu: JPEGs in batches by the GPU's JPEG decoder "
                              "(other images, and JPEGs it cannot take, by PIL on the CPU); cpu: all by PIL, as "
                              "transformers' pipeline does; auto: gpu when the model runs on a CUDA GPU")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model that ships its own Python code (auto_map in its config.json) to run it; "
+                             "read that code first")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model's blocks (one compilation serves all of them): some seconds "
                              "up front, then faster batches on a GPU (for large folders)")
@@ -138,7 +141,7 @@ def _infer(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         decoder_kind(args.decoder, device)  # a --decoder this machine cannot do fails before the model loads
-        clf = load_classifier(args.model, str(device))
+        clf = load_classifier(args.model, str(device), trust_remote_code=args.trust_remote_code)
         decoder, note = make_decoder(args.decoder, clf.prep, device)
     except VitfoodError as e:
         print(f"{_prog('infer.py')}: error: {e}", file=sys.stderr)

@@ -69,8 +69,15 @@ class TrainConfig:
                                    resume=WARN, card=False)
 
     # ---- model
-    model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained ViT: Hub id or local checkpoint folder",
-                      "model", resume=MATCH, card=True)
+    model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained model to fine-tune: Hub id or local checkpoint "
+                      "folder, of any type transformers' AutoModelForImageClassification maps (ViT, DeiT, BEiT, DINOv2, "
+                      "SigLIP, CLIP, ConvNeXt, Swin, ResNet, EfficientNet, MobileViT, ...; docs/models.md), with or "
+                      "without a classification head", "model", resume=MATCH, card=True)
+    image_size: int | None = _opt(None, "fine-tune at this resolution (e.g. 384): learned position embeddings are "
+                                  "resized once at load (bicubic); the saved config and processor carry the size. "
+                                  "Default: the checkpoint's own", "model", resume=MATCH, card=True, metavar="N")
+    trust_remote_code: bool = _opt(False, "allow a checkpoint that ships its own Python code (auto_map in its "
+                                   "config.json) to run it; read that code first", "model", resume=FREE, card=False)
     compile: str = _opt("auto", "torch.compile each transformer block (one compilation serves them all): a slower "
                         "start for faster steps on a GPU. auto: on a GPU for runs of at least "
                         "100,000 training images, where the steps saved repay the compilation; off on the CPU. "
@@ -161,6 +168,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise VitfoodError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.image_size is not None and self.image_size < 1:
+            raise VitfoodError(f"--image-size must be at least 1, got {self.image_size}")
         for name in ("max_train_samples", "max_eval_samples", "num_workers", "save_steps", "save_total_limit",
                      "skip_nonfinite", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:

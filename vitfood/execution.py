@@ -35,19 +35,23 @@ def compile_decision(setting: str, device_type: str, train_images: int) -> tuple
 def wrap_model(model, use_compile: bool, device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module, object]:
     """(train_net, eval_net, ddp): the model as the training step and evaluation call it.
 
-    Compiled block by block, in place: the blocks are identical, so one compilation serves all of them
-    (a fraction of a whole-model compilation's time), and the parameters keep their names.
+    Compiled in place, by the units its family names (`compile_units`): block by block where the model repeats
+    identical blocks, so one compilation serves all of them (a fraction of a whole-model compilation's time);
+    the whole model otherwise. The parameters keep their names.
     """
     if use_compile:
-        for block in model.blocks:
-            block.compile()
+        for unit in model.compile_units():
+            unit.compile()
     if world == 1:
         return model, model, None
     from torch.nn.parallel import DistributedDataParallel
 
     # The compiled blocks sit inside DDP, whose gradient hooks stay on the parameters: the all-reduce
     # still overlaps the backward pass.
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # transformers' models may hold parameters a classification forward never uses (SigLIP's attention-pooling
+    # head): DDP must then look for them each step, or it waits for their gradients forever.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=model.family != "vit")
     return ddp, model, ddp
 
 

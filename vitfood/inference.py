@@ -3,8 +3,9 @@ and what infer.py needs for many inputs: `expand_inputs` (folders, globs, URLs) 
 (batches, decoded by a few threads while the model runs, one result per input, in input order).
 With a GPU decoder (`vitfood.gpu_decode`) the stream decodes JPEGs in batches on the GPU instead.
 
-Imports neither transformers, datasets nor torchvision, so a cold `python infer.py photo.jpg`
-costs little more than importing torch.
+Imports neither transformers, datasets nor torchvision for vitfood's own ViT, so a cold
+`python infer.py photo.jpg` costs little more than importing torch; other model families import
+transformers when their model loads (vitfood.models.hf).
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ from vitfood import gpu_decode  # no torchvision: that comes with a decoder, mad
 from vitfood.distributed import autocast, usable_cores
 from vitfood.errors import VitfoodError
 from vitfood.hub import resolve_model_dir
-from vitfood.model import ViT, load_model
+from vitfood.models import ImageClassifier, load_model, preprocessing_for
 from vitfood.paths import DEFAULT_OUTPUT_DIR as DEFAULT_MODEL_DIR
 from vitfood.paths import extensions_text, images_under, is_image_name
-from vitfood.preprocess import BadImageError, Preprocessing, load_preprocessing, load_rgb
+from vitfood.preprocess import BadImageError, Preprocessing, load_rgb
 
 
 @dataclass
 class Classifier:
-    model: ViT
+    model: ImageClassifier
     prep: Preprocessing
     labels: list[str]
     device: torch.device
@@ -63,15 +64,18 @@ class Classifier:
 _loaded: dict[tuple[str, str], Classifier] = {}
 
 
-def load_classifier(model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "cpu") -> Classifier:
-    """Load a trained model once per (folder, device); later calls reuse it."""
+def load_classifier(model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "cpu",
+                    trust_remote_code: bool = False) -> Classifier:
+    """Load a trained model once per (folder, device); later calls reuse it. `trust_remote_code`: run the
+    checkpoint's own code (auto_map) if it has some; refused otherwise."""
     key = (str(Path(model_dir).expanduser().resolve()) if Path(model_dir).expanduser().exists() else str(model_dir), device)
     if key not in _loaded:
         path = resolve_model_dir(str(model_dir))
-        model, _ = load_model(path)  # labels=None: the checkpoint's own trained head
-        prep = load_preprocessing(path, model.arch.image_size)
+        # labels=None: the checkpoint's own trained head
+        model, _ = load_model(path, trust_remote_code=trust_remote_code)
+        prep, _ = preprocessing_for(path, model)
         dev = torch.device(device)
-        _loaded[key] = Classifier(model.to(dev).eval(), prep, model.arch.labels, dev)
+        _loaded[key] = Classifier(model.to(dev).eval(), prep, model.labels, dev)
     return _loaded[key]
 
 
@@ -253,10 +257,11 @@ class _DecodePool:
 
 
 def compile_model(clf: Classifier) -> None:
-    """torch.compile the model's blocks in place, as train.py does: one compilation serves all of them.
-    Seconds up front (and once more for the first batch of another size), for faster batches on a GPU."""
-    for block in clf.model.blocks:
-        block.compile()
+    """torch.compile the model in place by its family's units, as train.py does: block by block where one
+    compilation serves all of them. Seconds up front (and once more for the first batch of another size), for
+    faster batches on a GPU."""
+    for unit in clf.model.compile_units():
+        unit.compile()
 
 
 def _collect(batch: list, jobs: list) -> tuple[list[Result], dict[int, object]]:

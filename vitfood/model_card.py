@@ -42,14 +42,16 @@ def _eval_split(config: dict, hub_dataset: bool) -> str:
 
 
 def model_card(config: dict, results: dict, label_names, base_model: str, dataset: str,
-               repo_id: str | None = None, files: list[str] | tuple = (), warning: str | None = None) -> str:
+               repo_id: str | None = None, files: list[str] | tuple = (), warning: str | None = None,
+               model_name: str = "Vision Transformer (ViT)") -> str:
     """README.md for the output folder: Hub metadata (YAML front matter) and a human description.
 
     The metadata makes the Hub show the task widget and the accuracy on the model page; `datasets`
     and `base_model` are set only for Hub ids (a local path there would be a broken link and leaks
     the trainer's disk layout). `repo_id` names the model in the usage snippet (else the output
     folder); `files` (e.g. write_report's pictures) are linked from the card; `warning` (e.g. that the
-    model learned nothing) comes first, before the results.
+    model learned nothing) comes first, before the results. `model_name`: the model's family, for people
+    (`ImageClassifier.display_name`).
     """
     name = repo_id.split("/")[-1] if repo_id else Path(config.get("output_dir") or "vitfood-model").name
     hub_dataset, hub_base = is_hub_id(dataset), is_hub_id(base_model)
@@ -62,13 +64,13 @@ def model_card(config: dict, results: dict, label_names, base_model: str, datase
     lines = [
         "---", _front_matter(name, results, base_model, dataset, split).rstrip(), "---", "",
         f"# {name}", "",
-        f"A Vision Transformer (ViT) image classifier: {base_md} fine-tuned on {data_md} with "
+        f"A {model_name} image classifier: {base_md} fine-tuned on {data_md} with "
         "vitfood's hand-written PyTorch training loop (no `Trainer`). "
         f"It sorts an image into one of {len(label_names)} classes: {shown}{more}.", "",
         *([f"> **Warning:** {warning}", ""] if warning else []),
         *_results_section(results, f"{data_md} (split: {split})", files),
         *_training_section(config),
-        *_usage_section(repo_id or config.get("output_dir") or "vitfood-output"),
+        *_usage_section(repo_id or config.get("output_dir") or "vitfood-output", config.get("model_type", "vit")),
     ]
     return "\n".join(lines)
 
@@ -130,10 +132,10 @@ def _training_section(config: dict) -> list[str]:
     return lines
 
 
-def _usage_section(where: str) -> list[str]:
+def _usage_section(where: str, model_type: str = "vit") -> list[str]:
     return ["", "## Usage", "", "With transformers:", "", "```python", "from transformers import pipeline", "",
             f'classifier = pipeline("image-classification", model="{where}")',
             'print(classifier("photo.jpg"))', "```", "",
-            "With vitfood (no transformers needed at inference):", "", "```bash",
+            "With vitfood" + (" (no transformers needed at inference):" if model_type == "vit" else ":"), "", "```bash",
             f"python infer.py --model {where} photo.jpg", "```", "", "```python", "from vitfood import classify", "",
             f'print(classify("photo.jpg", model_dir="{where}"))', "```", ""]

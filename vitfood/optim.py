@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitfood.model import ViT
+from vitfood.models import ImageClassifier
 
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
@@ -26,12 +26,12 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
     return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def build_optimizer(model: ViT, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with two groups: decayed matrices, and never-decayed biases, norms and embeddings."""
+def build_optimizer(model: ImageClassifier, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with two groups: decayed weights, and the parameters the model's family says are never decayed
+    (biases, norms, position embeddings, CLS/register/mask/distillation tokens, relative-position tables)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if model.no_weight_decay(name, p) else decay).append(p)
+    for role in model.parameter_roles():
+        (decay if role.decay else no_decay).append(role.param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused CUDA kernel updates every parameter in a few launches instead of several per tensor.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")

@@ -40,7 +40,7 @@ def prepare_command(model: str | None = None, dataset: str | None = None, split:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Download a pretrained ViT and a dataset from the Hugging Face Hub into plain folders, check "
+        description="Download a pretrained model and a dataset from the Hugging Face Hub into plain folders, check "
                     "that they load, and print the train.py command that uses them without the Hub. Copy the "
                     "output folder to a machine without the Hub and run that command there.")
     parser.add_argument("--model", default=TrainConfig.model, metavar="ID",
@@ -192,15 +192,13 @@ def _fetch_dataset(repo_id: str, splits: list[str], max_rows: int, folder: Path)
 
 def _check_model(folder: Path) -> str:
     """Loaded as train.py does, with a placeholder head: train.py puts a fresh one on it for the dataset's labels."""
-    from vitfood.model import load_model
-    from vitfood.preprocess import load_preprocessing
+    from vitfood.models import load_model, preprocessing_for
 
     model, _ = load_model(folder, labels=["0", "1"])
-    load_preprocessing(folder, model.arch.image_size)
+    preprocessing_for(folder, model)
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     size = sum((folder / f).stat().st_size for f in files) / 1e6
-    a = model.arch
-    return f"{', '.join(files)} ({size:,.1f} MB), a ViT of {a.num_hidden_layers} layers at {a.image_size}x{a.image_size}"
+    return f"{', '.join(files)} ({size:,.1f} MB), {model.display_name} at {model.image_size}x{model.image_size}"
 
 
 def _check_dataset(folder: Path, splits: list[str]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from vitfood import hub
 from vitfood.checkpoint import CHECKPOINTS, EVAL_RESULTS, METRICS
 from vitfood.errors import VitfoodError, first_line
-from vitfood.model import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
+from vitfood.models.base import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
 from vitfood.logs import TENSORBOARD_DIR
 from vitfood.model_card import MODEL_CARD
 from vitfood.report import CONFUSION_JSON, CONFUSION_PNG, TRAINING_CURVES

@@ -22,8 +22,8 @@ from vitfood.execution import (deterministic_algorithms, determinism_in_force, e
                                resolve_eval_batch, resolve_micro_batch)
 from vitfood.fileio import atomic_write_bytes, write_json
 from vitfood.logs import Console
-from vitfood.model import ViT, load_model
-from vitfood.preprocess import Preprocessing, load_preprocessing
+from vitfood.models import ImageClassifier, load_model, preprocessing_for
+from vitfood.preprocess import Preprocessing
 from vitfood.run_record import RUN_JSON, Timeline, device_description, environment, run_record
 
 
@@ -88,9 +88,10 @@ def start_run(cfg: TrainConfig, training: bool) -> RunContext:
 class Inputs:
     """The model and the dataset of a run, loaded and matched."""
 
-    model: ViT
+    model: ImageClassifier
     base_config: dict  # the checkpoint's config.json, kept whole in the model we save
     prep: Preprocessing
+    processor: dict  # the preprocessor_config.json saved with the model (the checkpoint's own processor type)
     splits: data.Splits
 
 
@@ -101,15 +102,15 @@ def load_inputs(ctx: RunContext, new_head: bool) -> Inputs:
     model_dir = hub.resolve_model_dir(cfg.model)
     splits = data.load_splits(cfg.dataset, cfg.train_split, cfg.eval_split, cfg.train_samples(),
                               cfg.max_eval_samples, cfg.test_size, cfg.seed)
-    if new_head:
-        model, base_config = load_model(model_dir, labels=splits.label_names, seed=cfg.seed)
-    else:
-        model, base_config = load_model(model_dir)
-    prep = load_preprocessing(model_dir, model.arch.image_size)
+    # Training puts a new head on it (--image-size resizes its position tables); evaluation keeps its own.
+    model, base_config = load_model(model_dir, labels=splits.label_names if new_head else None, seed=cfg.seed,
+                                    image_size=cfg.image_size if new_head else None,
+                                    trust_remote_code=cfg.trust_remote_code)
+    prep, processor = preprocessing_for(model_dir, model, cfg.image_size if new_head else None)
     model.to(ctx.device)
-    ctx.resolved.update(train_images=len(splits.train), eval_images=len(splits.eval))
+    ctx.resolved.update(train_images=len(splits.train), eval_images=len(splits.eval), model_type=model.model_type)
     ctx.timeline.mark("dataset and model loaded")
-    return Inputs(model, base_config, prep, splits)
+    return Inputs(model, base_config, prep, processor, splits)
 
 
 def selection_note(ctx: RunContext, splits: data.Splits) -> str:
@@ -144,7 +145,7 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     with deterministic_algorithms(cfg.deterministic):
         ctx = start_run(cfg, training=False)
         inputs = load_inputs(ctx, new_head=False)
-        labels = inputs.model.arch.labels
+        labels = inputs.model.labels
         label_map = label_map_for(inputs.splits.label_names, labels, cfg.dataset, cfg.model)
         bad = data.BadImages(len(inputs.splits.eval), cfg.max_bad_fraction)
         # The training pass as training would resolve it: the same flags evaluate in the same batches.

@@ -30,7 +30,7 @@ from vitfood.evaluation import EvalPasses, evaluate, learning_verdict
 from vitfood.execution import (compile_decision, deterministic_algorithms, oom_retry_allowed, resolve_micro_batch,
                                wrap_model)
 from vitfood.fileio import atomic_write_bytes
-from vitfood.model import hf_files
+from vitfood.models import hf_files
 from vitfood.model_card import MODEL_CARD, model_card
 from vitfood.optim import Schedule, build_optimizer
 from vitfood.preprocess import training_pixels_cap
@@ -126,10 +126,11 @@ def setup(cfg: TrainConfig) -> Training:
     use_compile, compile_note = compile_decision(cfg.compile, ctx.device.type, cfg.epochs * len(inputs.splits.train))
     ctx.resolved.update(compile="on" if use_compile else "off", compile_decision=compile_note)
     train_net, eval_net, ddp = wrap_model(inputs.model, use_compile, ctx.device, ctx.dist.world)
-    micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size,
-                                                                   cfg.grad_accum_steps, ctx.device, ctx.dist.world)
+    # BatchNorm normalises over each pass's images: passes of --batch-size keep the result what it was meant to be.
+    micro = ctx.resolved["micro_batch_size"] = cfg.batch_size if inputs.model.has_batchnorm else \
+        resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, cfg.grad_accum_steps, ctx.device, ctx.dist.world)
     evals, eval_passes = eval_loader(ctx, inputs, micro, caches[1] if caches else None)
-    facts = run_facts(cfg, inputs.splits.label_names, inputs.model.arch.image_size, ctx.dist.world)
+    facts = run_facts(cfg, inputs.splits.label_names, inputs.model.image_size, ctx.dist.world)
     state = TrainState()
     if cfg.resume_from_checkpoint is not None:
         state = restore(ctx, inputs, optimizer, scaler, facts)
@@ -144,7 +145,7 @@ def setup(cfg: TrainConfig) -> Training:
                     eval_passes=eval_passes, writer=checkpoint.BackgroundWriter(), caches=caches, schedule=schedule,
                     state=state, facts=facts, bad=bad, log=log, stop=StopSignals(), hub_repo=hub_repo,
                     steps_at_start=state.step, micro=micro,
-                    retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world),
+                    retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world) and not inputs.model.has_batchnorm,
                     loss_sum=torch.tensor(state.loss_sum if ctx.dist.is_main else 0.0, device=ctx.device),
                     t_log=time.perf_counter())
 
@@ -184,7 +185,7 @@ def cache_folder(ctx: RunContext):
 def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> TrainState:
     """Continue from a checkpoint: weights, optimizer, loss scaler, RNGs and the run's state."""
     ckpt = checkpoint.find_checkpoint(ctx.out_dir, ctx.cfg.resume_from_checkpoint)
-    model_state, optimizer_state, rng_state, saved = checkpoint.load_training_state(ckpt)
+    model_state, optimizer_state, rng_state, saved = checkpoint.load_training_state(ckpt, ctx.cfg.trust_remote_code)
     check_resume(saved, facts, ctx.cfg, ctx.say, ckpt)
     inputs.model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)
@@ -200,12 +201,14 @@ def opening_line(ctx: RunContext, inputs: Inputs, schedule: Schedule, cache_note
     """The run's first line: what it trains on (how many images of how many, and why), and how."""
     cfg, d, splits = ctx.cfg, ctx.dist, inputs.splits
     per_step = cfg.batch_size * cfg.grad_accum_steps * d.world
+    batchnorm = " (BatchNorm: each pass is --batch-size images)" if inputs.model.has_batchnorm else ""
     return (f"vitfood: {len(splits.train):,} training / {len(splits.eval):,} evaluation images "
             f"({selection_note(ctx, splits)}), {plural(len(splits.label_names), 'class', 'classes')}; "
             f"{plural(cfg.epochs, 'epoch')} x {plural(schedule.steps_per_epoch, 'optimizer step')} of "
             f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {d.world} process(es) = {per_step} images, "
-            f"computed {min(micro, cfg.batch_size * cfg.grad_accum_steps)} at a time, evaluated {eval_batch} at a "
-            f"time; {ctx.device}, {ctx.precision}, {plural(ctx.workers, 'worker')}; decoded-image cache {cache_note}")
+            f"computed {min(micro, cfg.batch_size * cfg.grad_accum_steps)} at a time{batchnorm}, evaluated "
+            f"{eval_batch} at a time; a {inputs.model.model_type} model at {inputs.model.image_size} px; {ctx.device}, "
+            f"{ctx.precision}, {plural(ctx.workers, 'worker')}; decoded-image cache {cache_note}")
 
 
 def open_logs(ctx: RunContext, step: int) -> logs.RunLog:
@@ -388,7 +391,7 @@ def save_checkpoint(t: Training, best: tuple | None = None, wait: bool = False) 
         state.bad_images = t.bad.found
         saved = {"run": state.to_dict(), "setup": t.facts, "config": asdict(t.cfg), "scaler": t.scaler.state_dict(),
                  "rng": host_rng_state()}
-        model_files = hf_files(t.model, t.inputs.base_config, t.inputs.prep.to_hf_dict())  # once for both saves
+        model_files = hf_files(t.model, t.inputs.base_config, t.inputs.processor)  # once for both saves
         files = checkpoint.training_state_files(model_files, t.optimizer.state_dict(), tensor_rng_state(ctx.device),
                                                 saved)
         path = checkpoint.checkpoint_dir(ctx.out_dir, state.step)
@@ -470,7 +473,7 @@ def finish(t: Training) -> dict:
             verdict = learning_verdict(confusion, best["eval_accuracy"], t.cfg.learning_rate)
         pictures = report.write_report(ctx.out_dir, best, confusion, labels)
         card = model_card(ctx.resolved, best, labels, t.cfg.model, t.cfg.dataset, repo_id=t.hub_repo,
-                          files=[Path(p).name for p in pictures], warning=verdict)
+                          files=[Path(p).name for p in pictures], warning=verdict, model_name=t.model.display_name)
         atomic_write_bytes(ctx.out_dir / MODEL_CARD, card.encode())
         ctx.timeline.mark("report and model card written")
         ctx.write_record("finished")  # again, with the report in the timeline
