@@ -98,3 +98,76 @@ def fake_small_gpu_in_evaluation(monkeypatch, fits: int) -> None:
         return real(net, pixels, *rest)
 
     monkeypatch.setattr(evaluation, "forward", small_gpu)
+
+
+# ---------------------------------------------------------------- one tiny checkpoint per model family
+
+_VIT_LIKE = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _family_specs():
+    """family -> (config, the class it is saved as, its image processor), each minuscule, at 32x32 pixels: saved
+    as the Hub holds them (DINOv2 and CLIP as backbones only, SigLIP as the whole image-text model, the
+    convolutional ones with an ImageNet-style head of their own labels)."""
+    import transformers as T
+
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64,
+                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    crop = {"height": 32, "width": 32}
+    return {
+        "vit": (T.ViTConfig(**_VIT_LIKE, intermediate_size=32), T.ViTModel,
+                T.ViTImageProcessor(size=crop)),
+        "deit": (T.DeiTConfig(**_VIT_LIKE, intermediate_size=32), T.DeiTForImageClassification,
+                 T.DeiTImageProcessor(size=crop, crop_size=crop)),
+        "beit": (T.BeitConfig(**_VIT_LIKE, intermediate_size=32, use_relative_position_bias=True),
+                 T.BeitForImageClassification, T.BeitImageProcessor(size=crop, crop_size=crop)),
+        "dinov2": (T.Dinov2Config(**_VIT_LIKE, mlp_ratio=2), T.Dinov2Model,
+                   T.BitImageProcessor(size={"shortest_edge": 36}, crop_size=crop)),
+        "dinov2_with_registers": (T.Dinov2WithRegistersConfig(**_VIT_LIKE, mlp_ratio=2, num_register_tokens=2),
+                                  T.Dinov2WithRegistersModel,
+                                  T.BitImageProcessor(size={"shortest_edge": 36}, crop_size=crop)),
+        "siglip": (T.SiglipConfig(vision_config=dict(**_VIT_LIKE, intermediate_size=32), text_config=text),
+                   T.SiglipModel, T.SiglipImageProcessor(size=crop)),
+        "clip": (T.CLIPVisionConfig(**_VIT_LIKE, intermediate_size=32), T.CLIPVisionModel,
+                 T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=crop)),
+        "convnext": (T.ConvNextConfig(image_size=32, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+                     T.ConvNextForImageClassification, T.ConvNextImageProcessor(size={"shortest_edge": 32})),
+        "swin": (T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                              window_size=4), T.SwinForImageClassification, T.ViTImageProcessor(size=crop)),
+        "resnet": (T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
+                   T.ResNetForImageClassification, T.ConvNextImageProcessor(size={"shortest_edge": 32})),
+        "efficientnet": (T.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.1,
+                                              hidden_dim=320, kernel_sizes=[3, 3], in_channels=[32, 16],
+                                              out_channels=[16, 24], strides=[1, 2], num_block_repeats=[1, 1],
+                                              expand_ratios=[1, 2], depthwise_padding=[]),
+                         T.EfficientNetForImageClassification,
+                         T.EfficientNetImageProcessor(size=crop)),
+        "mobilevit": (T.MobileViTConfig(image_size=32, neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], expand_ratio=2.0,
+                                        hidden_sizes=[8, 8, 8], num_attention_heads=1, mlp_ratio=1.0),
+                      T.MobileViTForImageClassification,
+                      T.MobileViTImageProcessor(size={"shortest_edge": 36}, crop_size=crop)),
+    }
+
+
+FAMILIES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "siglip", "clip", "convnext", "swin", "resnet",
+            "efficientnet", "mobilevit")
+
+
+def make_family_checkpoint(family: str, path: Path, labels: list[str] | None = None, seed: int = 0) -> Path:
+    """A tiny random checkpoint of `family`, saved with its own save_pretrained and image processor.
+    `labels`: a classification checkpoint with these labels (else as `_family_specs` saves it)."""
+    import torch
+    import transformers as T
+
+    config, cls, processor = _family_specs()[family]
+    if labels is not None:
+        config.id2label, config.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
+        names = T.models.auto.modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[
+            "clip" if family == "clip" else config.model_type]
+        cls = getattr(T, names[0] if isinstance(names, tuple) else names)
+        if family == "clip":
+            config = T.CLIPConfig(vision_config=config.to_dict(), id2label=config.id2label, label2id=config.label2id)
+    torch.manual_seed(seed)
+    cls(config).eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

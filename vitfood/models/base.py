@@ -162,6 +162,19 @@ def processor_at_size(processor: dict, size: int) -> dict:
     return out
 
 
+def processor_output_size(processor: dict) -> int | None:
+    """The side of the images a preprocessor_config.json produces: its centre crop, else its size (ConvNeXt's
+    {shortest_edge} with crop_pct also ends at shortest_edge). None when it does not say."""
+    crop = processor.get("crop_size") if processor.get("do_center_crop") else None
+    size = crop or processor.get("size")
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        side = size.get("height", size.get("shortest_edge"))
+        return int(side) if side else None
+    return None
+
+
 # ---------------------------------------------------------------- Hugging Face files
 
 def load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:

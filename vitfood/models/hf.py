@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from vitfood.errors import VitfoodError, first_line
-from vitfood.models.base import (ParamRole, check_size_multiple, has_batchnorm, labels_of, no_weight_decay,
-                                 resize_position_table, roles_by_units)
+from vitfood.fileio import read_json
+from vitfood.models.base import (PREPROCESSOR_NAME, ParamRole, check_size_multiple, has_batchnorm, labels_of,
+                                 no_weight_decay, processor_output_size, resize_position_table, roles_by_units)
 
 NAME = "hf"
 
@@ -97,7 +98,8 @@ def _model_class(target_type: str, config: dict, trust_remote_code: bool):
 
     if "auto_map" in config and trust_remote_code:
         return transformers.AutoModelForImageClassification
-    return getattr(transformers, _mapping()[target_type])
+    names = _mapping()[target_type]  # DeiT maps to two: the plain classifier first, then the distilled one
+    return getattr(transformers, names[0] if isinstance(names, tuple) else names)
 
 
 def load(model_dir: Path, config: dict, labels: list[str] | None = None, seed: int = 0,
@@ -123,15 +125,19 @@ def load(model_dir: Path, config: dict, labels: list[str] | None = None, seed: i
     cls = _model_class(target_type, config, trust_remote_code)
     with _quiet_transformers():
         try:
-            net, info = cls.from_pretrained(model_dir, config=cfg, dtype=torch.float32, ignore_mismatched_sizes=True,
-                                            output_loading_info=True, local_files_only=True,
-                                            trust_remote_code=trust_remote_code)
+            if config.get("model_type") != target_type and "auto_map" not in config:
+                net, missing = _around_vision_tower(model_dir, cls, cfg)
+            else:
+                net, info = cls.from_pretrained(model_dir, config=cfg, dtype=torch.float32,
+                                                ignore_mismatched_sizes=True, output_loading_info=True,
+                                                local_files_only=True, trust_remote_code=trust_remote_code)
+                missing = set(info.get("missing_keys") or ()) | {k for k, *_ in info.get("mismatched_keys") or ()}
         except VitfoodError:
             raise
         except Exception as e:  # pickled code refused by weights_only, a corrupt file, a config it cannot build
-            raise VitfoodError(f"{model_dir}: transformers cannot load it as {cls.__name__} ({first_line(e, 200)})") from None
+            raise VitfoodError(f"{model_dir}: transformers cannot load it as {cls.__name__} "
+                               f"({first_line(e, 200)})") from None
     head = head_parameter_names(net)
-    missing = set(info.get("missing_keys") or ()) | {k for k, *_ in info.get("mismatched_keys") or ()}
     backbone_missing = sorted(k for k in missing if k not in head)
     if backbone_missing:
         raise VitfoodError(f"{model_dir}: not a {target_type} checkpoint matching its config.json: missing "
@@ -144,8 +150,26 @@ def load(model_dir: Path, config: dict, labels: list[str] | None = None, seed: i
     if image_size is not None:
         net = _at_image_size(net, cls, target_type, image_size)
     model = HFClassifier(net, str(config.get("model_type")), target_type, list(labels))
+    if model.image_size is None:  # no learned position table: the size its processor gives
+        processor = model_dir / PREPROCESSOR_NAME
+        model.image_size = image_size or (processor_output_size(read_json(processor)) if processor.is_file() else None)
     model.eval()
     return model
+
+
+def _around_vision_tower(model_dir: Path, cls, cfg) -> tuple[nn.Module, set[str]]:
+    """A vision tower saved alone (CLIPVisionModel, SiglipVisionModel): loaded by its own class, which knows its
+    file's key names, into the classification model's `vision_model`. Returns (model, keys left unloaded)."""
+    from transformers import AutoModel
+
+    tower = AutoModel.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    net = cls(cfg)
+    result = net.vision_model.load_state_dict(tower.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise VitfoodError(f"{model_dir}: its vision tower does not fit {cls.__name__}: unexpected "
+                           f"{sorted(result.unexpected_keys)[:3]}")
+    head = head_parameter_names(net)
+    return net, {f"vision_model.{k}" for k in result.missing_keys} | head
 
 
 @contextlib.contextmanager
@@ -154,12 +178,15 @@ def _quiet_transformers():
     both expected here, and checked above; its other warnings still show."""
     from transformers.utils import logging
 
-    before = logging.get_verbosity()
+    before, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()  # "Loading weights" bars: noise in a training run's output
     try:
         yield
     finally:
         logging.set_verbosity(before)
+        if bars:
+            logging.enable_progress_bar()
 
 
 _BACKBONE_ATTRS = ("vision_model", "model", "backbone", "timm_model")
@@ -206,17 +233,20 @@ def _at_image_size(net: nn.Module, cls, target_type: str, size: int) -> nn.Modul
     patch = getattr(vision, "patch_size", None)
     if isinstance(patch, int):
         check_size_multiple(size, patch, "patch size", target_type)
-    state = net.state_dict()
     table = POSITION_TABLES.get(target_type)
-    if table is not None:
-        suffix, prefix_tokens = table
-        keys = [k for k in state if k.endswith(suffix)]
-        if len(keys) != 1:
-            raise VitfoodError(f"--image-size: no single {suffix} in this {target_type} model")
-        state[keys[0]] = resize_position_table(state[keys[0]], prefix_tokens, size // patch)
-    elif any("position_embedding" in k for k in state) and target_type not in POSITION_TABLES:
-        raise VitfoodError(f"--image-size {size}: vitfood does not resize {target_type}'s position embeddings; "
-                           f"fine-tune it at its own size ({old})")
+    if table is None:  # no learned absolute table: the model takes the size as it is
+        if target_type not in POSITION_TABLES and any("position_embedding" in k for k, _ in net.named_parameters()):
+            raise VitfoodError(f"--image-size {size}: vitfood does not resize {target_type}'s position embeddings; "
+                               f"fine-tune it at its own size ({old})")
+        if old is not None:
+            vision.image_size = size
+        return net
+    state = net.state_dict()
+    suffix, prefix_tokens = table
+    keys = [k for k in state if k.endswith(suffix)]
+    if len(keys) != 1:
+        raise VitfoodError(f"--image-size: no single {suffix} in this {target_type} model")
+    state[keys[0]] = resize_position_table(state[keys[0]], prefix_tokens, size // patch)
     vision.image_size = size
     rebuilt = cls(net.config)  # the new size's buffers (position ids, ...) made the model's own way
     rebuilt.load_state_dict(state, strict=True)
@@ -236,7 +266,8 @@ class HFClassifier(nn.Module):
         self.labels = labels
         vision = _vision_config(net.config)
         size = getattr(vision, "image_size", None)
-        self.image_size = int(size) if isinstance(size, int) else None  # None: the processor's size decides
+        fixed = target_type in POSITION_TABLES or target_type in _SIZE_REFUSED
+        self.image_size = int(size) if fixed and isinstance(size, int) else None  # None: the processor's size
         self.has_batchnorm = has_batchnorm(net)
         self._units = _repeated_blocks(net)
 
@@ -248,7 +279,12 @@ class HFClassifier(nn.Module):
         return self.net(pixel_values=pixels).logits
 
     def parameter_roles(self) -> list[ParamRole]:
-        return roles_by_units(self, self._units or [self.net])
+        """Layer ids by repeated block; without repeated blocks (convolutional stages of different widths) the
+        backbone is layer 0 and the head layer 1."""
+        if self._units:
+            return roles_by_units(self, self._units)
+        head = {f"net.{name}" for name in head_parameter_names(self.net)}
+        return [ParamRole(r.name, r.param, r.decay, 1 if r.name in head else 0) for r in roles_by_units(self, [])]
 
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
         return no_weight_decay(name, param)
