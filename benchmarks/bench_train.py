@@ -52,6 +52,7 @@ ViT-B/16 at 224 px from a random initialisation (no download); `--model-size tin
 
     python benchmarks/bench_train.py compute --impls vitfood hf timm --precisions bf16 --compile off on --batch-sizes 256
     python benchmarks/bench_train.py compute --precisions bf16 fp32 --compile off on --batch-sizes 128 256
+    python benchmarks/bench_train.py compute --model-family dinov2-base --precisions bf16 --compile off on
     python benchmarks/bench_train.py e2e --images 5000 --epochs 3 --batch-size 128 --grad-accum-steps 1 --compile
     python benchmarks/bench_train.py e2e --model-size tiny --images 400     # the CPU goal
     python benchmarks/bench_train.py guide-job --data-backend torch         # 5,000 JPEGs, 3 epochs, ViT-B
@@ -70,6 +71,7 @@ import shlex
 import shutil
 import statistics
 import sys
+import types
 import tempfile
 import time
 from dataclasses import dataclass
@@ -121,9 +123,9 @@ def build(impl: str, checkpoint: Path, device, arch):
     if impl == "timm":
         model = timm_vit(arch).to(device)
         return model, model
-    from transformers import ViTForImageClassification
+    from transformers import AutoModelForImageClassification
 
-    hf = ViTForImageClassification.from_pretrained(checkpoint, attn_implementation="sdpa").to(device)
+    hf = AutoModelForImageClassification.from_pretrained(checkpoint).to(device)  # sdpa where the model has it
     return (lambda pixels: hf(pixel_values=pixels).logits), hf
 
 
@@ -186,7 +188,7 @@ def compute_row(impl, precision, compile_, batch, checkpoint, arch, device, step
     seconds = (time.perf_counter() - t) / steps
     rate = batch / seconds
     row.update({"images/s": rate, "ms/step": seconds * 1000,
-                "MFU %": 100 * rate * 3 * flops_per_image / peaks[precision]})
+                "MFU %": 100 * rate * 3 * flops_per_image / peaks[precision] if flops_per_image else None})
     if device.type == "cuda":
         row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
@@ -199,12 +201,17 @@ def compute(args, work: Path) -> list[dict]:
     from vitfood.model import ViTArch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = make_vit_checkpoint(work / f"vit-{args.model_size}-cls", size=args.model_size, labels=101)
-    arch = ViTArch.from_hf_config(read_json(checkpoint / "config.json"))
-    flops = count_flops_per_image(arch, 101)
+    if args.model_family != "vit":  # vitfood's hf family (transformers' model behind vitfood's interface) vs raw
+        checkpoint = make_family_checkpoint(work / args.model_family, args.model_family)
+        arch, flops = types.SimpleNamespace(image_size=224), None
+        args.impls = [i for i in args.impls if i != "timm"]
+    else:
+        checkpoint = make_vit_checkpoint(work / f"vit-{args.model_size}-cls", size=args.model_size, labels=101)
+        arch = ViTArch.from_hf_config(read_json(checkpoint / "config.json"))
+        flops = count_flops_per_image(arch, 101)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {p: measured_peak_flops(device, dtypes[p]) for p in args.precisions}
-    print(f"forward GFLOP per image {flops / 1e9:.1f}; measured matmul peak "
+    print(f"forward GFLOP per image {flops / 1e9 if flops else float('nan'):.1f}; measured matmul peak "
           + ", ".join(f"{p} {v / 1e12:.1f} TFLOP/s" for p, v in peaks.items()), file=sys.stderr)
     rows = []
     for impl in args.impls:
@@ -221,6 +228,34 @@ def compute(args, work: Path) -> list[dict]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     return with_speed_vs_timm(rows)
+
+
+MODEL_FAMILIES = ("vit", "dinov2-base", "convnext-base", "siglip-base")
+
+
+def make_family_checkpoint(path: Path, family: str) -> Path:
+    """A real-size model of another family from its config, random weights, 101 labels, at 224 px: DINOv2 ViT-B/14,
+    ConvNeXt-B, SigLIP ViT-B/16 (the vision tower of google/siglip-base-patch16-224)."""
+    import torch
+    import transformers as T
+
+    if (path / "config.json").exists():
+        return path
+    labels = dict(id2label={i: f"class_{i}" for i in range(101)}, label2id={f"class_{i}": i for i in range(101)})
+    torch.manual_seed(0)
+    if family == "dinov2-base":
+        model = T.Dinov2ForImageClassification(T.Dinov2Config(image_size=224, patch_size=14, **labels))
+        processor = T.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})
+    elif family == "convnext-base":
+        model = T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[128, 256, 512, 1024],
+                                                                  depths=[3, 3, 27, 3], **labels))
+        processor = T.ConvNextImageProcessor()
+    else:
+        model = T.SiglipForImageClassification(T.SiglipConfig(vision_config=dict(image_size=224, patch_size=16), **labels))
+        processor = T.SiglipImageProcessor()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
 
 
 def with_speed_vs_timm(rows: list[dict]) -> list[dict]:
@@ -538,6 +573,9 @@ def main():
     p.add_argument("mode", nargs="?", choices=["compute", "e2e", "guide-job", "steady"],
                    help="default: compute on a GPU; on the CPU e2e with the tiny model (minutes, not hours)")
     p.add_argument("--model-size", choices=["tiny", "base"], default="base")
+    p.add_argument("--model-family", choices=MODEL_FAMILIES, default="vit",
+                   help="compute: another family at real size, built from its config with random weights: vitfood "
+                        "(its hf family) against transformers' own model, same weights")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps or images: a check that it runs")
     p.add_argument("--impls", nargs="+", choices=["vitfood", "hf", "timm"], default=["vitfood", "hf"],
                    help="compute: the models (timm: a row saying so when timm is not installed)")
