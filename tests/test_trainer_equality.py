@@ -195,10 +195,12 @@ def test_a_vitfood_run_is_the_trainers_run_step_by_step(request, family):
     hf_start = file_weights(AutoModelForImageClassification.from_pretrained(setup["ckpt"]), setup["root"] / "hf-start")
     assert set(start) == set(hf_start) and all(torch.equal(start[k], hf_start[k]) for k in start)
 
-    ours, our_weights = run_vitfood(setup, "vitfood", RUN)
-    theirs, their_weights = run_trainer(setup, "trainer", RUN)
+    # DINOv2 in 3 steps, not 5 (the suite's time): still a warmup step at rate 0, decay and clipping.
+    run = RUN if family == "vit" else dict(RUN, epochs=3)
+    ours, our_weights = run_vitfood(setup, "vitfood", run)
+    theirs, their_weights = run_trainer(setup, "trainer", run)
 
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, RUN["epochs"] + 1))
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, run["epochs"] + 1))
     for key in ("loss", "learning_rate", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in ours], dtype=torch.float64),
                                    torch.tensor([r[key] for r in theirs], dtype=torch.float64),

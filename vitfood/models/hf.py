@@ -113,10 +113,14 @@ def load(model_dir: Path, config: dict, labels: list[str] | None = None, seed: i
     re-initialised layer. `image_size`: learned position tables resized once, here (bicubic).
     """
     source = str(model_dir / "config.json")
-    target_type = classification_type(config, source)
+    custom = "auto_map" in config and trust_remote_code  # its own classes, named by its config (registry checked)
+    target_type = str(config.get("model_type")) if custom else classification_type(config, source)
     cfg = _config_object(model_dir, config, target_type, trust_remote_code)
     saved_labels = labels_of(config, source)
-    if labels is None:
+    inference = labels is None
+    if inference:
+        if not saved_labels:
+            raise VitfoodError(f"{model_dir}: has no trained classifier head (a backbone-only checkpoint); train it first")
         labels = saved_labels
     keep_head = saved_labels == list(labels)
     cfg.num_labels = len(labels)
@@ -144,7 +148,7 @@ def load(model_dir: Path, config: dict, labels: list[str] | None = None, seed: i
                            f"{len(backbone_missing)} backbone tensor(s), e.g. {backbone_missing[:3]}")
     head_loaded = not (missing & head)
     if not (keep_head and head_loaded):
-        if labels is saved_labels:
+        if inference:
             raise VitfoodError(f"{model_dir}: has no trained classifier head (a backbone-only checkpoint); train it first")
         reset_head(net, seed)
     if image_size is not None:
