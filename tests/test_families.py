@@ -24,6 +24,7 @@ from vitfood.models import load_model, preprocessing_for, save_model
 from vitfood.train_loop import train
 
 BATCHNORM = {"resnet", "efficientnet", "mobilevit"}
+REPEATED_BLOCKS = {"vit", "deit", "beit", "dinov2", "dinov2_with_registers", "siglip", "clip"}  # 2 layers each
 # Names that must never be decayed, wherever a family has them (base.no_weight_decay).
 TOKENS = ("position_embedding", "pos_embed", "cls_token", "class_embedding", "register_tokens", "mask_token",
           "relative_position_bias_table")
@@ -83,6 +84,8 @@ def test_each_family_trains_and_its_model_works_in_transformers_and_pipeline(fam
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf.eval()(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
     assert ours.display_name in (out / "README.md").read_text()
+    # torch.compile's units: the repeated blocks of the transformers (one compilation serves them), else the model.
+    assert len(ours.compile_units()) == (2 if family in REPEATED_BLOCKS else 1)
 
     # The weight-decay rule by role, and layer ids in order: embeddings 0, blocks 1.., head last.
     roles = ours.parameter_roles()
