@@ -215,6 +215,8 @@ def test_processor_table_matches_transformers():
     ({"image_processor_type": "LevitImageProcessor", "size": 32}, "LevitImageProcessor"),
     ({"image_processor_type": "ViTImageProcessor", "auto_map": {"AutoImageProcessor": "p.MyProcessor"}}, "auto_map"),
     ({"image_mean": [0.5, 0.5]}, "image_mean"),
+    ({"rescale_factor": "1/255"}, "rescale_factor"),
+    ({"image_processor_type": "ConvNextImageProcessor", "size": 32, "crop_pct": 0}, "crop_pct"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_an_option_vitfood_would_not_reproduce_is_one_line_naming_it(tmp_path, cfg, option):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))

@@ -114,7 +114,13 @@ def read_processor(cfg: dict, source: str = "preprocessor_config.json",
     def refuse(key, why):
         return VitfoodError(f"{source}: {key} {opt(key)!r}: {why} ({name}); vitfood would give other pixels")
 
-    if cfg.get("use_square_size"):
+    def positive(key):
+        value = opt(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise refuse(key, "expected a number > 0")
+        return float(value)
+
+    if name == "CLIPImageProcessor" and cfg.get("use_square_size"):  # its __init__ reads it
         raise refuse("use_square_size", "CLIP's KOSMOS-2 square resize is not reproduced")
     if not opt("do_resize"):
         raise refuse("do_resize", "pictures would keep their own sizes")
@@ -125,7 +131,7 @@ def read_processor(cfg: dict, source: str = "preprocessor_config.json",
     mean, std = _channels(opt("image_mean"), "image_mean", source), _channels(opt("image_std"), "image_std", source)
     if min(std) <= 0:
         raise refuse("image_std", "needs values > 0")
-    rescale = float(opt("rescale_factor")) if opt("do_rescale") else 1.0
+    rescale = positive("rescale_factor") if opt("do_rescale") else 1.0
     fields = dict(processor=name, mean=mean, std=std, resample=resample, rescale_factor=rescale,
                   do_normalize=bool(opt("do_normalize")))
     center_crop = bool(opt("do_center_crop"))
@@ -138,10 +144,7 @@ def read_processor(cfg: dict, source: str = "preprocessor_config.json",
             raise refuse("size", "ConvNeXt's resize takes shortest_edge only")
         if center_crop:
             raise refuse("do_center_crop", "a second centre crop after crop_pct's is not reproduced")
-        crop_pct = float(opt("crop_pct"))
-        if not crop_pct > 0:
-            raise refuse("crop_pct", "must be > 0")
-        return _convnext(Preprocessing(0, 0, crop_pct=crop_pct, **fields), size["shortest_edge"], source)
+        return _convnext(Preprocessing(0, 0, crop_pct=positive("crop_pct"), **fields), size["shortest_edge"], source)
 
     if kind == "efficientnet":
         fields.update(rescale_offset=bool(opt("rescale_offset")) and bool(opt("do_rescale")),
