@@ -27,9 +27,9 @@ _BASE = dict(resample=Image.Resampling.BICUBIC, image_mean=_HALF, image_std=_HAL
 _SHORTEST = dict(size={"shortest_edge": 224}, default_to_square=False, crop_size={"height": 224, "width": 224},
                  do_center_crop=True)
 
-# Type -> its class defaults, and the options it has beyond the base ones. The kinds of resize:
-# "base" resize then optional centre crop (and do_pad); "convnext" its crop_pct; "efficientnet" its rescale
-# offset and include_top; "mobilevit" BGR and no normalisation at all; "nopad" as base without do_pad.
+# Type -> (its kind, its class defaults). The kinds: "base": resize, optional centre crop, rescale, normalise,
+# do_pad; "nopad": the same, do_pad ignored; "convnext": crop_pct's resize and crop, do_pad ignored;
+# "efficientnet": the rescale offset and include_top, do_pad ignored; "mobilevit": BGR, never normalised.
 _PROCESSORS: dict[str, tuple[str, dict]] = {
     "ViTImageProcessor": ("base", {**_BASE, "resample": Image.Resampling.BILINEAR,
                                    "size": {"height": 224, "width": 224}}),
