@@ -99,6 +99,9 @@ FAMILIES = {
                                                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD), (37, 45)),
     "siglip": ("SiglipImageProcessor", dict(size={"height": 32, "width": 32}), (32, 32)),
     "clip": ("CLIPImageProcessor", dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), (45, 32)),
+    # openai/clip-vit-base-patch32's file: int size (CLIP's: a shortest edge) and int crop_size (a square).
+    "clip (legacy file)": (None, dict(feature_extractor_type="CLIPFeatureExtractor", size=34, crop_size=32,
+                                      do_center_crop=True, resample=3), (34, 50)),
     "convnext crop_pct": ("ConvNextImageProcessor", dict(size={"shortest_edge": 32}, crop_pct=0.875,
                                                          image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD), (36, 40)),
     "convnext at 384: squashed": ("ConvNextImageProcessor", dict(size={"shortest_edge": 384}), (384, 384)),
@@ -112,6 +115,9 @@ FAMILIES = {
                                                         rescale_offset=True, image_std=[0.47, 0.48, 0.49]), (37, 37)),
     "mobilevit": ("MobileViTImageProcessor", dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
                                                   resample=2), (36, 40)),
+    # apple/mobilevit-small's file: no mean/std, no do_normalize (never normalised), BGR.
+    "mobilevit (legacy file)": (None, dict(feature_extractor_type="MobileViTFeatureExtractor", size=36, crop_size=32,
+                                           do_center_crop=True, do_flip_channel_order=True, resample=2), (40, 36)),
     "swin (vit's, bicubic)": ("ViTImageProcessor", dict(size={"height": 32, "width": 32}, resample=3,
                                                         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD), (32, 32)),
     "mobilenet_v2": ("MobileNetV2ImageProcessor", dict(size={"shortest_edge": 36}, crop_size=32), (40, 36)),
