@@ -234,13 +234,19 @@ def test_an_option_vitfood_would_not_reproduce_is_one_line_naming_it(tmp_path, c
 
 
 def test_a_file_without_a_type_takes_the_model_types_processor(tmp_path):
-    """As AutoImageProcessor: config.json's model_type names it (here DINOv2's: an int size is a shortest edge)."""
+    """As AutoImageProcessor: config.json's model_type names it (here DINOv2's: an int size is a shortest edge).
+    Without a file only a ViT takes the ViT defaults."""
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 36, "crop_size": 32}))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
     prep = load_preprocessing(tmp_path)
     assert (prep.processor, prep.shortest_edge, prep.height, prep.resample) == ("BitImageProcessor", 36, 32, 3)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     assert load_preprocessing(tmp_path, 36).resize_height is None  # ViT's: an int size is a square
+    (tmp_path / "preprocessor_config.json").unlink()  # no file: the ViT defaults, for a ViT only
+    assert load_preprocessing(tmp_path, 36) == Preprocessing(36, 36)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "timm_wrapper"}))
+    with pytest.raises(VitfoodError, match="preprocessor_config.json: not found.*timm_wrapper"):
+        load_preprocessing(tmp_path, 36)
 
 
 @pytest.mark.parametrize("family, size, resize", [

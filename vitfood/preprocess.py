@@ -347,7 +347,7 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def load_preprocessing(model_dir: Path, image_size: int | None = None) -> Preprocessing:
-    """The checkpoint's preprocessor_config.json; without one, the ViT defaults at its image size.
+    """The checkpoint's preprocessor_config.json; a ViT without one takes the ViT defaults at its image size.
 
     A file that names no processor type takes config.json's model_type's, as AutoImageProcessor does.
     `image_size`, when given, must be the size the processor makes.
@@ -355,15 +355,17 @@ def load_preprocessing(model_dir: Path, image_size: int | None = None) -> Prepro
     from vitfood.fileio import read_json
 
     path = Path(model_dir) / PREPROCESSOR_CONFIG
-    if path.is_file():
-        cfg = read_json(path)
-        model_type = None
-        if not (cfg.get("image_processor_type") or cfg.get("feature_extractor_type")):
-            config_path = Path(model_dir) / "config.json"
-            model_type = read_json(config_path).get("model_type") if config_path.is_file() else None
+    config_path = Path(model_dir) / "config.json"
+    cfg = read_json(path) if path.is_file() else None
+    model_type = None
+    if not (cfg and (cfg.get("image_processor_type") or cfg.get("feature_extractor_type"))):
+        model_type = read_json(config_path).get("model_type") if config_path.is_file() else None
+    if cfg is not None:
         prep = Preprocessing.from_hf_dict(cfg, str(path), model_type)
-    elif image_size is None:
-        raise VitfoodError(f"{path}: not found, and no image size to take the ViT defaults at")
+    elif model_type not in (None, "vit") or image_size is None:
+        # Another family's pixels (timm's transforms, a ConvNeXt's crop_pct) are not the ViT defaults.
+        raise VitfoodError(f"{path}: not found; without it vitfood takes the ViT defaults, and only for a ViT "
+                           f"checkpoint of known size (this one's model_type: {model_type})")
     else:
         prep = Preprocessing(image_size, image_size)
     if image_size is not None and (prep.height, prep.width) != (image_size, image_size):
