@@ -205,3 +205,20 @@ def test_a_new_head_is_the_seeds_and_a_matching_one_is_kept(tmp_path):
     assert head and all(torch.equal(v, b.state_dict()[k]) for k, v in head.items())
     assert not torch.equal(a.state_dict()["net.classifier.weight"], c.state_dict()["net.classifier.weight"])
     assert torch.equal(kept.state_dict()["net.classifier.weight"], original.state_dict()["net.classifier.weight"])
+
+
+def test_dinov2_is_trained_at_its_processors_size_not_its_configs(tmp_path):
+    """facebook/dinov2-base says image_size 518 while its processor crops 224: the table is resized once, at load,
+    to the processor's size (the model would otherwise interpolate it on every forward), and saved so."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(image_size=64, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             mlp_ratio=2)).save_pretrained(tmp_path / "ckpt")
+    BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "ckpt")
+    model, base = load_model(tmp_path / "ckpt", labels=["a", "b"])
+    prep, processor = preprocessing_for(tmp_path / "ckpt", model)
+    assert model.image_size == prep.height == 32
+    save_model(model, tmp_path / "out", base, processor)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == 32
+    again, _ = load_model(tmp_path / "out")
+    assert again.net.dinov2.embeddings.position_embeddings.shape[1] == 1 + 4 * 4

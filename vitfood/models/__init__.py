@@ -92,21 +92,16 @@ def save_model(model: ImageClassifier, out_dir: Path, base_config: dict, preproc
 def preprocessing_for(model_dir: Path, model: ImageClassifier, image_size: int | None = None):
     """(vitfood's Preprocessing, the preprocessor_config.json to save with the model) for a loaded model.
 
-    The checkpoint's own processor decides the pixels; with `image_size` (--image-size) it is edited to that size
-    first, so the saved processor carries it and pipeline() prepares images as vitfood trained on them. A family
-    without a fixed size (no learned position table: ConvNeXt, ResNet, ...) takes its processor's.
+    The checkpoint's own processor decides the pixels (vitfood.preprocess reproduces it, its type kept when saved);
+    with `image_size` (--image-size) it is moved to that size, so the saved processor carries it and pipeline()
+    prepares images as vitfood trained on them. A family without a fixed size (no learned position table:
+    ConvNeXt, ResNet, ...) takes its processor's.
     """
-    from vitfood.models.base import processor_at_size
-    from vitfood.preprocess import Preprocessing, load_preprocessing
+    from vitfood.preprocess import load_preprocessing
 
-    path = Path(model_dir) / PREPROCESSOR_NAME
-    original = read_json(path) if path.is_file() else None
-    if original is not None and image_size is not None:
-        original = processor_at_size(original, image_size)
-        prep = Preprocessing.from_hf_dict(original, str(path))
-    else:
-        own = Preprocessing.from_hf_dict(original, str(path)).height if original is not None else 224
-        prep = load_preprocessing(model_dir, image_size or model.image_size or own)
+    prep = load_preprocessing(model_dir, None if image_size else model.image_size)
+    if image_size is not None:
+        prep = prep.at_size(image_size)
     if model.image_size is None:
         model.image_size = prep.height
-    return prep, model.processor_config(original, prep.to_hf_dict())
+    return prep, model.processor_config(prep.to_hf_dict())

@@ -69,9 +69,9 @@ class ImageClassifier(Protocol):
     def hf_config(self, base_config: dict) -> dict:
         """config.json for transformers, with this model's labels (id2label, label2id) and image size."""
 
-    def processor_config(self, original: dict | None, prep_config: dict) -> dict:
-        """preprocessor_config.json to save: the checkpoint's own processor (its type kept), at this model's size.
-        `original` is the checkpoint's file (None without one); `prep_config` vitfood's own `Preprocessing`."""
+    def processor_config(self, prep_config: dict) -> dict:
+        """preprocessor_config.json to save, from vitfood's `Preprocessing.to_hf_dict()` (the checkpoint's own
+        processor type, at this model's size): a family may add what its processor needs beyond the pixels."""
 
 
 # ---------------------------------------------------------------- weight decay by parameter role
@@ -138,28 +138,6 @@ def resize_position_table(table: torch.Tensor, prefix_tokens: int, new_grid: int
 def check_size_multiple(size: int, multiple: int, what: str, model_type: str) -> None:
     if size < multiple or size % multiple:
         raise VitfoodError(f"--image-size {size}: {model_type} needs a multiple of its {what} {multiple}")
-
-
-def processor_at_size(processor: dict, size: int) -> dict:
-    """A preprocessor_config.json dict edited to produce `size` x `size` images, its resize kept in proportion:
-    {height, width} -> size; {shortest_edge} with a centre crop -> the edge scaled as the crop, crop -> size;
-    {shortest_edge} alone (ConvNeXt's crop_pct form) -> size. A minimal local helper until vitfood.preprocess
-    offers one (the processor's own options are vitfood.preprocess's concern)."""
-    out = dict(processor)
-    old = out.get("size", size)
-    crop = out.get("crop_size") if out.get("do_center_crop") else None
-    if isinstance(crop, int):
-        crop = {"height": crop, "width": crop}
-    if isinstance(old, int):
-        out["size"] = size
-    elif isinstance(old, dict) and "shortest_edge" in old:
-        edge = old["shortest_edge"]
-        out["size"] = {**old, "shortest_edge": round(edge * size / crop["height"]) if crop else size}
-    elif isinstance(old, dict):
-        out["size"] = {"height": size, "width": size}
-    if crop:
-        out["crop_size"] = {"height": size, "width": size}
-    return out
 
 
 def processor_output_size(processor: dict) -> int | None:

@@ -38,6 +38,8 @@ POSITION_TABLES = {
     "clip": ("embeddings.position_embedding.weight", 1),
     "metaclip_2": ("embeddings.position_embedding.weight", 1),
 }
+# Types whose forward interpolates the position table to any input size: trained at their processor's size.
+_INTERPOLATED = {"dinov2", "dinov2_with_registers"}
 # Position information a load-time resize cannot carry over (yet): refused with --image-size, in one line.
 _SIZE_REFUSED = {"beit": "relative position bias tables", "data2vec-vision": "relative position bias tables",
                  "hiera": "position embeddings per unit", "levit": "attention biases per resolution",
@@ -151,12 +153,17 @@ def load(model_dir: Path, config: dict, labels: list[str] | None = None, seed: i
         if inference:
             raise VitfoodError(f"{model_dir}: has no trained classifier head (a backbone-only checkpoint); train it first")
         reset_head(net, seed)
+    processor_file = model_dir / PREPROCESSOR_NAME
+    processor_size = processor_output_size(read_json(processor_file)) if processor_file.is_file() else None
+    if image_size is None and target_type in _INTERPOLATED and processor_size:
+        # DINOv2's config says 518 px while its processor crops 224: the model would interpolate its position
+        # table on every forward; resized once here, to the processor's size, it need not.
+        image_size = processor_size
     if image_size is not None:
         net = _at_image_size(net, cls, target_type, image_size)
     model = HFClassifier(net, str(config.get("model_type")), target_type, list(labels))
     if model.image_size is None:  # no learned position table: the size its processor gives
-        processor = model_dir / PREPROCESSOR_NAME
-        model.image_size = image_size or (processor_output_size(read_json(processor)) if processor.is_file() else None)
+        model.image_size = image_size or processor_size
     model.eval()
     return model
 
@@ -313,10 +320,8 @@ class HFClassifier(nn.Module):
                    label2id={name: i for i, name in enumerate(self.labels)})
         return cfg
 
-    def processor_config(self, original: dict | None, prep_config: dict) -> dict:
-        """The checkpoint's own processor (ConvNeXt's, BiT's, SigLIP's ...): pipeline() then prepares images with
-        the processor the model was pretrained with; vitfood's Preprocessing reproduces it."""
-        return original if original is not None else prep_config
+    def processor_config(self, prep_config: dict) -> dict:
+        return prep_config
 
 
 def _repeated_blocks(net: nn.Module) -> list[nn.Module]:

@@ -172,8 +172,7 @@ class ViT(nn.Module):
     def hf_config(self, base_config: dict) -> dict:
         return hf_config_for(self, base_config)
 
-    def processor_config(self, original: dict | None, prep_config: dict) -> dict:
-        """vitfood's own preprocessing as a ViTImageProcessor: what this family has always saved."""
+    def processor_config(self, prep_config: dict) -> dict:
         return prep_config
 
 
