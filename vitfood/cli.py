@@ -113,10 +113,10 @@ SUMMARY_MIN_IMAGES = 20  # infer.py prints its summary line from this many input
 PROGRESS_MIN_IMAGES = 50  # and shows a progress bar above this many, when stderr is a terminal
 
 
-def infer_main(argv: list[str] | None = None) -> int:
-    from vitfood.paths import DEFAULT_OUTPUT_DIR  # not vitfood.inference: --help and flag errors need no torch
-
+def infer_parser() -> argparse.ArgumentParser:
+    """infer.py's command line. Imports no torch: --help and flag errors are instant."""
     from vitfood.config import HelpWithDefaults
+    from vitfood.paths import DEFAULT_OUTPUT_DIR
 
     parser = OneLineParser(
         prog=_prog("infer.py"),
@@ -151,6 +151,13 @@ def infer_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model's blocks (one compilation serves all of them): some seconds "
                              "up front, then faster batches on a GPU (for large folders)")
+    return parser
+
+
+def infer_main(argv: list[str] | None = None) -> int:
+    from vitfood.paths import DEFAULT_OUTPUT_DIR  # not vitfood.inference: --help and flag errors need no torch
+
+    parser = infer_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
