@@ -131,7 +131,8 @@ def infer_parser() -> argparse.ArgumentParser:
                "  python infer.py photos/ --json > labels.jsonl      one JSON object per image\n",
         formatter_class=HelpWithDefaults)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns or URLs")
-    parser.add_argument("--model", default=DEFAULT_OUTPUT_DIR, metavar="DIR|HUB_ID", help="folder written by train.py, or a Hub model id")
+    parser.add_argument("--model", default=DEFAULT_OUTPUT_DIR, metavar="DIR|HUB_ID",
+                        help="folder written by train.py, or a Hub model id")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="labels shown per image")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "predictions"}')

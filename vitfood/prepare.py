@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    prog = parser.prog
     args = parser.parse_args(argv)
     if args.skip_model and args.skip_dataset:
         parser.error("--skip-model and --skip-dataset: nothing to prepare")
@@ -59,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_split == args.split:
         parser.error("--eval-split must differ from --split")
     try:
-        print(_prepare(args, command_name("prepare.py")), flush=True)
+        print(_prepare(args, prog), flush=True)
     except VitfoodError as e:
-        print(f"{command_name('prepare.py')}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # the output folder: not writable, a full disk (a partial folder is never left)
-        print(f"{command_name('prepare.py')}: error: --output-dir {args.output_dir}: {e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: --output-dir {args.output_dir}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{command_name('prepare.py')}: interrupted; nothing half-written was left in {args.output_dir}", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing half-written was left in {args.output_dir}", file=sys.stderr)
         return 130
     return 0
 
