@@ -77,3 +77,23 @@ def test_resume_under_torchrun(backbone_dir, folder, tmp_path):
     assert r.returncode == 0, r.stderr
     last = [sorted((d / "checkpoints").glob("step-*"))[-1] / "model.safetensors" for d in (full, part)]
     assert last[0].read_bytes() == last[1].read_bytes()
+
+
+@pytest.mark.parametrize("major, expect", [(7, "fp16"), (8, "bf16"), (9, "bf16")])  # V100/T4, A100, H100/H200
+def test_precision_auto_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, major, expect):
+    # No GPU here: a fake one of compute capability `major`, on which torch could emulate bf16; torch's own
+    # is_bf16_supported runs.
+    from types import SimpleNamespace
+
+    from vitfood.distributed import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    assert torch.cuda.is_bf16_supported()  # the trap: counting emulation, even the sm70 GPU "has" bf16
+    assert resolve_precision("auto", torch.device("cuda")) == expect
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    # A torch without `including_emulation` (before 2.3) counted no emulation: asked without it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: major >= 8)
+    assert resolve_precision("auto", torch.device("cuda")) == expect
