@@ -97,3 +97,42 @@ def test_precision_auto_is_bf16_only_where_the_gpu_computes_it_natively(monkeypa
     # A torch without `including_emulation` (before 2.3) counted no emulation: asked without it.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: major >= 8)
     assert resolve_precision("auto", torch.device("cuda")) == expect
+
+
+def test_per_block_compile_under_ddp_stays_well_under_dynamos_recompile_limit(backbone_dir, monkeypatch):
+    # torchrun's shape of a run, in this process: the blocks compiled one by one inside DDP (a gloo group of one
+    # process), training passes of 8, an epoch's short last 5, an out-of-memory's halved 4 and a last image alone,
+    # evaluation (no gradients, eval mode) in batches of 16, a short 3 and a 1, for two epochs. All blocks share one code object, and
+    # dynamo compiles a variant of it per guard that fails (grad mode, training flag, a new batch size, once, then
+    # dynamic): past torch._dynamo.config.recompile_limit it would run the blocks eagerly, silently.
+    # Dynamo's guards and variants are the same whatever compiles the graphs (checked by hand with inductor: the
+    # same 3 variants, in minutes instead of seconds on this CPU); the "eager" backend keeps the test fast.
+    import torch.distributed as dist
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from vitfood.execution import wrap_model
+    from vitfood.model import Block, load_model
+
+    model, _ = load_model(backbone_dir, labels=["a", "b", "c"])
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend="eager"))
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        train_net, eval_net, ddp = wrap_model(model, True, torch.device("cpu"), world=2)  # world > 1: DDP
+        assert ddp is train_net
+        for epoch in range(2):
+            model.train()
+            for n in (8, 8, 5, 4, 1):
+                train_net(torch.randn(n, 3, 32, 32)).sum().backward()
+            model.eval()
+            with torch.no_grad():
+                for n in (16, 16, 3, 1):
+                    eval_net(torch.randn(n, 3, 32, 32))
+        variants = len(_debug_get_cache_entry_list(Block.forward.__code__))
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    # Training: its first size, then any size (dynamic); evaluation: any size; and a pass of one image in each (dynamo
+    # specialises size 1). Whatever the sizes, no more: 5 of the limit's 8.
+    assert variants == 5 < torch._dynamo.config.recompile_limit
