@@ -14,6 +14,7 @@ step and goes into every checkpoint.
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass
@@ -385,7 +386,8 @@ def after_step(t: Training, epoch: int, lr: float, grad_norm: torch.Tensor, epoc
     t.writer.raise_if_failed()  # a failed save stops the run now, not at the next save
     if signalled:
         path = save_checkpoint(t, wait=True)
-        raise TrainingInterrupted(t.stop.signum, path or t.ctx.out_dir)
+        # Under torchrun a rank may stop for another's signal (the launcher normally sends every rank its own).
+        raise TrainingInterrupted(t.stop.signum or signal.SIGTERM, path or t.ctx.out_dir)
     if save_due:
         save_checkpoint(t)  # (an epoch's last step is saved after its evaluation instead)
 
