@@ -116,13 +116,13 @@ def test_train_py_at_its_defaults_end_to_end_and_the_output_works_in_transformer
     assert any("written in the background" in e["event"] for e in record(out)["timeline"])
     assert "best eval_accuracy" in r.stderr and losses(out)[-1][0] == 6  # 3 epochs of 2 steps of 64 (76 images)
     # infer.py (its defaults on a GPU) against transformers' pipeline on the same images: the same top-1 where the
-    # pipeline's answer is clear (bf16 against fp32 may swap near-ties: a top-2 gap under 0.02 is not compared).
+    # pipeline's answer is clear (bf16 against fp32 may swap near-ties: a top-2 gap under 0.01 is not compared).
     paths = sorted(p for p in images.rglob("*") if p.is_file())[::12]
     theirs = pipeline("image-classification", model=str(out), device=0)([str(p) for p in paths], top_k=2)
     ours = finish(start([*map(str, paths), "--model", out, "--json", "--top-k", 1], program="infer.py"))
     ours = {x["image"]: x["predictions"][0]["label"] for x in map(json.loads, ours.stdout.splitlines())}
-    clear = [(p, t[0]["label"]) for p, t in zip(paths, theirs) if t[0]["score"] - t[1]["score"] >= 0.02]
-    assert len(clear) >= 3, theirs  # of 8
+    clear = [(p, t[0]["label"]) for p, t in zip(paths, theirs) if t[0]["score"] - t[1]["score"] >= 0.01]
+    assert len(clear) >= 2, theirs  # of 8
     assert all(ours[str(p)] == label for p, label in clear)
 
 
@@ -200,8 +200,9 @@ def test_fp16_with_the_grad_scaler_a_nan_loss_stops_it_and_resumes_across_precis
 def test_sigterm_then_resume_on_cuda_continues_the_run(tiny, folder, tmp_path, deterministic):
     # SIGTERM after optimizer step 2 of 6 (mid-epoch 1), then --resume-from-checkpoint, against the run that was
     # never stopped. --deterministic: the same bits, weights and losses. Without it the GPU's kernels may sum in
-    # another order from run to run, and AdamW moves weights whose gradient is rounding noise by up to lr a step,
-    # whatever the noise: stated tolerance 5 x lr absolute on the weights, 1e-2 relative on the losses.
+    # another order from run to run, and AdamW moves a weight whose gradient is rounding noise (the attention's key
+    # biases) by up to lr a step whatever the noise's size, either way: two runs may part by 2 x lr in each of the 4
+    # steps after the resume. Stated tolerance: 1e-2 = 10 x lr absolute on the weights, 1e-2 relative on the losses.
     flags = ["--deterministic"] if deterministic else []
     full, part = tmp_path / "full", tmp_path / "part"
     procs = [start(small_run(tiny, folder, full, *flags)),
@@ -219,7 +220,7 @@ def test_sigterm_then_resume_on_cuda_continues_the_run(tiny, folder, tmp_path, d
         assert record(part)["config"]["deterministic_algorithms"].startswith("on (")
     else:
         for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=5e-3, rtol=0, msg=k)
+            torch.testing.assert_close(b[k], a[k], atol=1e-2, rtol=0, msg=k)
         assert [s for s, _ in losses(part)] == [s for s, _ in losses(full)]
         assert [x for _, x in losses(part)] == pytest.approx([x for _, x in losses(full)], rel=1e-2)
 
