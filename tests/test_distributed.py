@@ -136,3 +136,17 @@ def test_per_block_compile_under_ddp_stays_well_under_dynamos_recompile_limit(ba
     # Training: its first size, then any size (dynamic); evaluation: any size; and a pass of one image in each (dynamo
     # specialises size 1). Whatever the sizes, no more: 5 of the limit's 8.
     assert variants == 5 < torch._dynamo.config.recompile_limit
+
+
+def test_a_stop_signal_is_read_within_host_check_steps_under_torchrun_and_at_once_alone():
+    # The steps that read the device's verdicts, after a signal that came during step 3 (no log, save or epoch end
+    # due): one process reads its host flag at once; torchrun's ranks agree on it at the next check.
+    from vitfood.train_loop import HOST_CHECK_STEPS, check_due
+
+    def honoured_at(world: int) -> int:
+        return next(s for s in range(3, 100) if check_due(s, boundary=False, world=world, signal_here=True))
+
+    assert honoured_at(1) == 3
+    assert honoured_at(2) == HOST_CHECK_STEPS == 10
+    assert [s for s in range(1, 31) if check_due(s, False, 2, False)] == [10, 20, 30]
+    assert check_due(7, boundary=True, world=8, signal_here=False)

@@ -376,8 +376,7 @@ def after_step(t: Training, epoch: int, lr: float, grad_norm: torch.Tensor, epoc
     log_due = step % t.cfg.logging_steps == 0 or step == t.schedule.total_steps
     save_due = bool(t.cfg.save_steps) and step % t.cfg.save_steps == 0 and not epoch_done
     signalled = False
-    if (first or log_due or save_due or epoch_done or step % HOST_CHECK_STEPS == 0
-            or (t.ctx.dist.world == 1 and t.stop.signum)):
+    if check_due(step, first or log_due or save_due or epoch_done, t.ctx.dist.world, bool(t.stop.signum)):
         signalled = host_check(t, epoch)
     if first:
         t.ctx.timeline.mark("first optimizer step done (with any compilation)")
@@ -390,6 +389,13 @@ def after_step(t: Training, epoch: int, lr: float, grad_norm: torch.Tensor, epoc
         raise TrainingInterrupted(t.stop.signum or signal.SIGTERM, path or t.ctx.out_dir)
     if save_due:
         save_checkpoint(t)  # (an epoch's last step is saved after its evaluation instead)
+
+
+def check_due(step: int, boundary: bool, world: int, signal_here: bool) -> bool:
+    """Whether optimizer step `step` reads the device's verdicts: at a boundary (a process's first step, a log
+    line, a save, an epoch's end), every HOST_CHECK_STEPS steps, and in one process once a signal came (its flag is
+    on the host; under torchrun every rank must check at the same steps, whatever signal each has seen)."""
+    return boundary or step % HOST_CHECK_STEPS == 0 or (world == 1 and signal_here)
 
 
 def host_check(t: Training, epoch: int) -> bool:
