@@ -1,4 +1,4 @@
-"""The training's GPU paths, run for real: only where CUDA exists (the `gpu` marker; skipped elsewhere, see conftest.py).
+"""The training's GPU paths, run for real: only where CUDA exists (the `gpu` marker; skipped elsewhere: conftest.py).
 
 Each test runs train.py as a user does (a new process, offline), on tiny models and drawn images; independent runs go
 at once (one H200 has room for many tiny runs), so that the whole file takes about 2 minutes. What each compares, and
@@ -139,8 +139,9 @@ def test_an_out_of_memory_halves_the_pass_for_real_and_trains_as_the_halved_pass
         return ["--model", model, "--dataset", images, "--output-dir", out, "--epochs", 2, "--learning-rate", 1e-3,
                 "--eval-batch-size", 8, "--num-workers", 2, "--deterministic", *extra]
 
-    half, whole = run_all(start(args(tmp_path / "half", "--micro-batch-size", 32), CAPPED, {"TEST_GPU_MEMORY_CAP": "0"}),
-                          start(args(tmp_path / "whole"), CAPPED, {"TEST_GPU_MEMORY_CAP": "0"}))
+    uncapped = {"TEST_GPU_MEMORY_CAP": "0"}
+    half, whole = run_all(start(args(tmp_path / "half", "--micro-batch-size", 32), CAPPED, uncapped),
+                          start(args(tmp_path / "whole"), CAPPED, uncapped))
     peak = {name: int(r.stdout.split("PEAK_RESERVED")[-1]) for name, r in (("half", half), ("whole", whole))}
     assert "out of GPU memory" not in half.stderr + whole.stderr
     assert peak["whole"] - peak["half"] > 2**24, peak  # the premise: 25 more images' activations take > 16 MiB
@@ -175,8 +176,8 @@ def test_fp16_with_the_grad_scaler_a_nan_loss_stops_it_and_resumes_across_precis
     finish(procs.pop(0))
     assert record(fp16)["config"]["precision"] == "fp16"
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in losses(fp16))
-    scaler = json.loads((sorted((fp16 / "checkpoints").glob("step-*"))[-1] / "trainer_state.json").read_text())["scaler"]
-    assert scaler["scale"] > 0
+    last = sorted((fp16 / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((last / "trainer_state.json").read_text())["scaler"]["scale"] > 0
     assert stopped.stderr.strip().splitlines()[-1].endswith(
         "non-finite loss or gradient norm at optimizer step 1 (epoch 1): stopped; that step changed no weight, and "
         "the saved model and checkpoints are those of earlier steps (--skip-nonfinite N skips up to N such steps)")
@@ -274,7 +275,8 @@ def test_torchrun_with_one_process_and_ddp_on_nccl(tiny, folder, tmp_path):
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
         d = Dist(rank=0, world=2)  # the loop's collectives run only with more than one process
-        counts = all_reduce_sum(torch.stack([torch.full((), 8, device=device), torch.tensor(True, device=device).long()]), d)
+        flag = torch.tensor(True, device=device).long()
+        counts = all_reduce_sum(torch.stack([torch.full((), 8, device=device), flag]), d)
         verdicts = all_reduce_sum(torch.tensor([0.0, 1.0, 15.0], device=device), d)
         assert counts.tolist() == [8, 1] and verdicts.tolist() == [0.0, 1.0, 15.0]
         barrier(d)
