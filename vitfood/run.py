@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitfood import checkpoint, data, distributed, hub, report
+from vitfood import checkpoint, data, distributed, hub, report, shared_memory
 from vitfood.config import TrainConfig
 from vitfood.distributed import Dist
 from vitfood.evaluation import EvalPasses, evaluate, label_map_for
@@ -128,6 +128,9 @@ def eval_loader(ctx: RunContext, inputs: Inputs, micro: int, cache=None):
     cfg, records = ctx.cfg, inputs.splits.eval
     size = ctx.resolved["eval_batch_size"] = resolve_eval_batch(cfg.eval_batch_size, cfg.batch_size, micro,
                                                                 len(records), ctx.workers, ctx.device, ctx.dist.world)
+    if cfg.eval_batch_size == "auto":  # no bigger than the workers' batches in /dev/shm allow
+        size = ctx.resolved["eval_batch_size"] = shared_memory.eval_batch_that_fits(
+            size, inputs.prep.height * inputs.prep.width * 3, ctx.workers, shared_memory.free_bytes())
     sampler = data.EvalBatchSampler(len(records), size, ctx.dist.rank, ctx.dist.world)
     loader = data.make_loader(data.EvalImages(records, inputs.prep, cache), sampler, inputs.prep, ctx.workers,
                               ctx.device.type == "cuda", ctx.cfg.seed)
