@@ -7,6 +7,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_checkpoint, make_image_folder  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is available; elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def backbone_dir(tmp_path_factory) -> Path:
     """A backbone-only tiny ViT, saved as transformers' ViTModel (as google/vit-base-patch16-224-in21k)."""
