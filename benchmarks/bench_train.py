@@ -571,7 +571,8 @@ E2E_KEYS = ["vitfood", "guide", "tuned", "ddp"]
 JOB_KEYS = {"e2e": E2E_KEYS, "guide-job": GUIDE_JOB_KEYS, "steady": STEADY_KEYS}
 
 
-def main():
+def parse_args(argv: list[str] | None = None):
+    """The command line, checked (gpu_all.py's tests parse its parts' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", choices=["compute", "e2e", "guide-job", "steady"],
                    help="default: compute on a GPU; on the CPU e2e with the tiny model (minutes, not hours)")
@@ -613,7 +614,7 @@ def main():
                         "installed)")
     p.add_argument("--work", help="folder for generated JPEGs, checkpoints and run outputs (default: a temp folder)")
     p.add_argument("--jsonl", help="append the results to this JSON-lines file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     choose_mode(args, "bench_train.py", gpu="compute", cpu="e2e", cpu_settings={"model_size": "tiny"})
     if args.mode == "compute":
         args.compile = args.compile or ["off"]
@@ -652,6 +653,11 @@ def main():
     if args.mode == "guide-job" and args.jobs is None:
         # Compiling the tuned Trainer on a CPU takes minutes: the smoke run leaves it out.
         args.jobs = [k for k in GUIDE_JOB_KEYS if not (args.smoke and k == "tuned-compiled")]
+    return args
+
+
+def main():
+    args = parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="vitfood-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     run = {"compute": compute, "e2e": e2e, "guide-job": guide_job, "steady": steady}[args.mode]
