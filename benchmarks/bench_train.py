@@ -377,7 +377,8 @@ def run_jobs(jobs: list[Job], args, work: Path) -> list[dict]:
                 proj = projection(seconds, job.part_epochs, args.epochs, result["guide timings"],
                                   result["steady images/s"])
                 if proj:
-                    result["whole process s"], result["projection"] = proj["projected whole process s"], proj["projection"]
+                    result["whole process s"] = proj["projected whole process s"]
+                    result["projection"] = proj["projection"]
                     print(f"{job.name}: {proj['projection']}", file=sys.stderr, flush=True)
             runs[job.name].append(result)
             done = {"job": job.name, "repeat": repeat, "steady images/s": result["steady images/s"],

@@ -72,7 +72,8 @@ def plans() -> dict[str, list[Part]]:
                  "about 20 s start, the rest projected")
     compute = Part("compute", 110, bench("bench_train.py", "compute", "--impls", "vitfood", "hf", "timm",
                                          "--precisions", "bf16", "--compile", "off", "on",
-                                         "--compiled-impls", "vitfood", "timm", "--batch-sizes", "256", "--steps", "10"),
+                                         "--compiled-impls", "vitfood", "timm", "--batch-sizes", "256",
+                                         "--steps", "10"),
                    "15 s start and matmul peak; eager rows 3 x 5 s (13 steps of about 95 ms, the model built); "
                    "compiled rows 2 x 40 s (the compilation, unmeasured)")
     infer = Part("infer", 45, bench("bench_infer.py", "folder", "--images", str(IMAGES), "--batch-size", "256"),
@@ -86,21 +87,25 @@ def plans() -> dict[str, list[Part]]:
     return {
         "default": [env, data, tests, guide, compute, infer, hf_compiled],
         "tests": [env, tests],
-        "compute": [env, Part("compute", 300, bench("bench_train.py", "compute", "--impls", "vitfood", "hf", "timm",
+        "compute": [env, Part("compute", 150, bench("bench_train.py", "compute", "--impls", "vitfood", "hf", "timm",
                                                     "--precisions", "bf16", "--compile", "off", "on",
-                                                    "--batch-sizes", "256", "--steps", "10")),
+                                                    "--batch-sizes", "256", "--steps", "10"),
+                                    "as the default's compute part, with transformers compiled too"),
                     Part("compute-fp32", 40, bench("bench_train.py", "compute", "--impls", "vitfood", "hf",
                                                    "--precisions", "fp32", "--compile", "off", "--batch-sizes", "128",
                                                    "--steps", "10")),
                     Part("infer-gpu", 20, bench("bench_infer.py", "gpu", "--batch-size", "256")),
-                    Part("infer-gpu-compiled", 60, bench("bench_infer.py", "gpu", "--batch-size", "256", "--compile")),
-                    infer],
+                    Part("infer-gpu-compiled", 45, bench("bench_infer.py", "gpu", "--batch-size", "256", "--compile")),
+                    Part("infer", 60, infer.cmd, "the default's infer part, making its JPEGs first")],
         "infer": [env, infer],
         "e2e": [env, Part("e2e", 330, bench("bench_train.py", "e2e", "--images", "5120", "--epochs", "2",
                                             "--batch-size", "128", "--grad-accum-steps", "1", "--compile",
                                             "--data-backend", backend))],
-        "guide": [env, Part("guide", 450, bench("bench_train.py", "guide-job", "--images", str(IMAGES), "--epochs",
-                                                "3", "--data-backend", backend)),
+        "guide": [env, Part("guide", 400, bench("bench_train.py", "guide-job", "--images", str(IMAGES), "--epochs",
+                                                "3", "--data-backend", backend),
+                                "the JPEGs (~40 s); train.py (~20 s); the Trainer as written whole (12,000 images at "
+                                "134 images/s = 90 s, 3 evaluations and saves, start: ~140 s); tuned compiled (~85 s) "
+                                "and eager (~35 s)"),
                   Part("saves", 60, bench("bench_saves.py", "--model-size", "base", "--repeats", "4"))],
         "steady": [env, Part("steady", 270, bench("bench_train.py", "steady", "--images", "6400", "--epochs", "4"))],
     }
@@ -138,7 +143,8 @@ class Runner:
         elapsed = time.time() - self.started
         limit = min(part.limit_s or max(part.estimate_s * 1.5, part.estimate_s + 30), self.left())
         if part.optional and self.budget_s is not None and elapsed + part.estimate_s > self.budget_s:
-            status, error = "skipped", f"optional: {self.budget_s - elapsed:.0f} s of the budget left, it needs {part.estimate_s}"
+            status = "skipped"
+            error = f"optional: {self.budget_s - elapsed:.0f} s of the budget left, it needs {part.estimate_s}"
         elif limit < min(5, part.estimate_s / 2):  # too little time left to be worth starting
             status, error = "skipped", f"past the {self.guard_s:.0f} s guard"
         else:
@@ -163,8 +169,8 @@ class Runner:
                "estimate s": part.estimate_s, "rc": rc, "error": error}
         self.append([row])
         at = time.time() - self.started
-        print(f"[{at // 60:.0f}:{at % 60:04.1f}] {part.name}: {status} in {seconds:.0f} s (estimate {part.estimate_s} s)"
-              + (f": {error}" if error else ""), flush=True)
+        print(f"[{at // 60:.0f}:{at % 60:04.1f}] {part.name}: {status} in {seconds:.0f} s "
+              f"(estimate {part.estimate_s} s)" + (f": {error}" if error else ""), flush=True)
 
     def append(self, rows: list[dict]) -> None:
         with open(self.out / "gpu.jsonl", "a", encoding="utf-8") as f:
@@ -252,7 +258,10 @@ def summarise(rows: list[dict], elapsed: float) -> str:
         lines.append("gpu tests: " + ", ".join(f"{n} {o}" for o, n in counts.items()))
         lines += [f"  {r['outcome']}: {r['test']} {r['message']}"[:160] for r in tests
                   if r["outcome"] in ("failed", "error")]
-    fmt = lambda v, spec=",.0f": format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")  # noqa: E731
+
+    def fmt(v, spec=",.0f") -> str:
+        return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
+
     for r in rows:
         job, part = r.get("job", ""), r.get("part")
         if r.get("mode") == "e2e-run" or job.startswith("part ") or job == "gpu test":
@@ -286,7 +295,8 @@ def env_part() -> None:
     sys.path.insert(0, str(HERE))
     from common import versions
 
-    for cmd in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], ["df", "-h", "/dev/shm"]):
+    for cmd in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
+                ["df", "-h", "/dev/shm"]):
         try:
             print(subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout, flush=True)
         except (OSError, subprocess.TimeoutExpired) as e:

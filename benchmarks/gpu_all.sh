@@ -25,9 +25,9 @@
 #   compute-hf-compiled  45 s, optional: runs only when the parts before it left that much of the 8 minutes
 #
 # The longer parts, by name (each fits one 10-minute device command; `all` runs them all, about 25 minutes):
-#   benchmarks/gpu_all.sh compute   bf16 eager and compiled for all three, fp32, inference compute and folder (~7 min)
+#   benchmarks/gpu_all.sh compute   bf16 eager and compiled for all three, fp32, inference compute and folder (~5.5 min)
 #   benchmarks/gpu_all.sh guide     the guide's job whole: the Trainer as written all 3 epochs, tuned compiled and
-#                                   eager; a save's cost to the training thread (~8.5 min)
+#                                   eager; a save's cost to the training thread (~8 min)
 #   benchmarks/gpu_all.sh e2e       5,120 JPEGs, 2 epochs, 128 x 1 compiled, against the Trainer (~5.5 min)
 #   benchmarks/gpu_all.sh steady    6,400 JPEGs x 4 epochs: the defaults, the best flags cold and warm (~4.5 min)
 #   benchmarks/gpu_all.sh tests     the GPU tests alone;   benchmarks/gpu_all.sh infer   the folder job alone

@@ -40,7 +40,7 @@ def free_bytes(path: str = SHM) -> int | None:
 
 def budget(free: int) -> int:
     """Bytes one loader of this process may keep in /dev/shm."""
-    return int(free * SHARE) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(free * SHARE) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes here
 
 
 def loader_prefetch(batch_bytes: int, workers: int, free: int | None) -> int | None:
@@ -68,7 +68,8 @@ def too_small(batch: int, image_bytes: int, workers: int, free: int, flag: str) 
     """The one line for a loader whose batches cannot fit even one a worker: what it needs, and the fixes."""
     batch_mb = batch * image_bytes / 2**20
     most = max(0, budget(free) // max(1, batch * image_bytes) - HELD)
-    want = (workers * PREFETCH + HELD) * batch * image_bytes / SHARE * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    want = (workers * PREFETCH + HELD) * batch * image_bytes / SHARE * ranks  # room for the full prefetch
     gb = max(1, math.ceil(want / 2**30))
     fewer = f"--num-workers {most}" if most >= 1 else "--num-workers 0"
     return ShmTooSmall(
