@@ -376,10 +376,10 @@ def run_jobs(jobs: list[Job], args, work: Path) -> list[dict]:
                 result["measured s"] = seconds
                 proj = projection(seconds, job.part_epochs, args.epochs, result["guide timings"],
                                   result["steady images/s"])
-                if proj:
-                    result["whole process s"] = proj["projected whole process s"]
-                    result["projection"] = proj["projection"]
-                    print(f"{job.name}: {proj['projection']}", file=sys.stderr, flush=True)
+                # No projection, no whole-process figure: a part's seconds are not the whole job's.
+                result["whole process s"] = proj["projected whole process s"] if proj else None
+                result["projection"] = proj["projection"] if proj else "none: the part gave no steady rate or evaluation"
+                print(f"{job.name}: projected {result['projection']}", file=sys.stderr, flush=True)
             runs[job.name].append(result)
             done = {"job": job.name, "repeat": repeat, "steady images/s": result["steady images/s"],
                     "whole process s": seconds, "eval accuracy": result["eval accuracy"]}

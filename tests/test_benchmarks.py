@@ -112,9 +112,8 @@ def test_bench_train_guide_job_smoke(tmp_path):
     """The guide's job: train.py with nothing but --model, --dataset and --epochs, against the Trainer as
     written (the tuned Trainer's rows are the e2e smoke's command with other flags: left out for time)."""
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate (pip install -e '.[bench]')")
-    # The Trainer as written runs the first of the 2 epochs; its whole process is projected from that part.
     rows = bench("bench_train.py", "guide-job", "--smoke", "--epochs", 2, "--jobs", "vitfood", "guide",
-                 "--data-backend", "torch", "--guide-part", 1, work=tmp_path)
+                 "--data-backend", "torch", work=tmp_path)
     assert [r["job"] for r in rows] == ["vitfood train.py, its defaults", "Trainer, guide as written"]
     ours, guide = rows
     assert 0 < ours["fixed cost s"] < ours["whole process s"] and ours["steady images/s"] > 0
@@ -126,24 +125,31 @@ def test_bench_train_guide_job_smoke(tmp_path):
                                   "--epochs", "2"]  # no other flag: the defaults
     run = next(json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()
                if '"e2e-run"' in line and "guide as written" in line)
-    timings = run["guide timings"]  # what a projection needs: the part's images, its evaluation's and save's times
-    assert timings["train_images"] == 32 and len(timings["eval_s"]) == len(timings["save_s"]) == 1
-    assert all(0 < t < run["measured s"] for t in timings["eval_s"] + timings["save_s"])
-    assert guide["settings"].endswith("measured 1 of 2 epochs, the rest projected")
-    # 32 images are half of one optimizer step of the guide's 64: no steady rate, so no projection here.
-    assert guide["steady images/s"] is None and "projection" not in guide
+    timings = run["guide timings"]  # what a projection needs: the images, each evaluation's and save's seconds
+    assert timings["train_images"] == 32 and len(timings["eval_s"]) == len(timings["save_s"]) == 2
+    assert all(0 < t < guide["whole process s"] for t in timings["eval_s"] + timings["save_s"])
 
 
-def test_projection_of_the_trainer_as_written():
+def test_the_trainer_as_written_run_in_part_is_projected_whole(tmp_path, monkeypatch):
+    """--guide-part: a quarter of the first of 3 epochs measured (20 s, 134 images/s, one evaluation of 5 s and
+    one save of 3 s): 2.75 epochs of 4,000 images more, and 2 more evaluations and saves."""
     bt = bench_train_module()
-    timings = {"train_images": 4000, "eval_s": [5.0], "save_s": [3.0]}
-    # A quarter of the first of 3 epochs measured in 20 s at 134 images/s: 2.75 epochs of 4,000 images more,
-    # and 2 more evaluations and saves.
-    got = bt.projection(20.0, 0.25, 3, timings, 134.0)
-    assert got["projected whole process s"] == pytest.approx(20 + 2.75 * 4000 / 134 + 2 * 8)
-    assert got["projection"] == ("20.0 s measured (0.25 of 3 epochs) + 11,000 images / 134.0 images/s + 2 x 8.0 s "
+    part = {"steady_images_per_s": 134.0, "eval_accuracy": 0.5, "train_images": 4000, "eval_s": [5.0], "save_s": [3.0]}
+    monkeypatch.setattr(bt.os, "sync", lambda: None)  # nothing of this test's to write back
+    monkeypatch.setattr(sys.modules["common"], "versions", dict)  # the rows' versions: importing transformers, 7 s
+    monkeypatch.setattr(bt, "run_job", lambda cmd, log, cwd=None, cache_dir=None:
+                        (20.0, "GUIDE_RESULT " + json.dumps(part) + "\n"))
+    args = types.SimpleNamespace(repeats=1, mode="guide-job", jsonl=str(tmp_path / "rows.jsonl"), images=5000, epochs=3)
+    job = bt.Job("Trainer, guide as written", "guide", ["guide_trainer.py"], "guide", part_epochs=0.25)
+    [row] = bt.run_jobs([job], args, tmp_path)
+    assert row["whole process s"] == pytest.approx(20 + 2.75 * 4000 / 134 + 2 * (5 + 3))
+    assert row["projection"] == ("20.0 s measured (0.25 of 3 epochs) + 11,000 images / 134.0 images/s + 2 x 8.0 s "
                                  "(evaluation and save) = 118.1 s")
-    assert bt.projection(20.0, 0.25, 3, timings, None) is None  # no steady rate: nothing to project from
+    assert json.loads((tmp_path / "rows.jsonl").read_text())["measured s"] == 20.0
+    # A part without a steady rate projects nothing, and claims no whole-process figure.
+    part["steady_images_per_s"] = None
+    [row] = bt.run_jobs([job], args, tmp_path)
+    assert row["whole process s"] is None and row["projection"].startswith("none")
 
 
 def test_bench_train_steady_smoke(tmp_path):
