@@ -6,6 +6,7 @@ that differ between the two GPU runs. Skipped without CUDA (the `gpu` marker). A
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,8 +22,13 @@ from vitfood.train_loop import train
 pytestmark = pytest.mark.gpu
 
 IMAGES = 1020
-SCORE_TOLERANCE = 0.02  # top-1 score, GPU decode against PIL's (the CPU stand-in of the GPU path: within 0.0005)
-SAME_LABELS = 0.995
+# GPU decoding against PIL's, on at least 99.5% of the images: the same label, and a top-1 score within 0.05;
+# and within 0.005 at the median. nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: its pixels differ
+# by a few levels at sharp colour edges (the CPU stand-in, libjpeg-turbo through torchvision, was within 0.0005).
+# Chosen without a GPU to measure it on: a race's wrong pixels move labels and scores far more than this.
+SAME = 0.995
+SCORE_TOLERANCE = 0.05
+MEDIAN_SCORE_TOLERANCE = 0.005
 
 
 def varied_jpegs(folder, n: int, seed: int = 5) -> list[str]:
@@ -71,9 +77,11 @@ def test_gpu_decoding_agrees_with_pil_and_has_no_race(tmp_path):
     assert sorted(pil) == sorted(gpu) == sorted(blocking) == sorted(paths)  # every image classified, none failed
 
     for run in (gpu, blocking):
-        agree = [p for p in paths if run[p]["label"] == pil[p]["label"]
-                 and abs(run[p]["score"] - pil[p]["score"]) <= SCORE_TOLERANCE]
-        assert len(agree) >= SAME_LABELS * IMAGES, f"{IMAGES - len(agree)} of {IMAGES} differ from PIL's"
+        same_label = sum(run[p]["label"] == pil[p]["label"] for p in paths)
+        assert same_label >= SAME * IMAGES, f"{IMAGES - same_label} of {IMAGES} labels differ from PIL's"
+        off = sorted(abs(run[p]["score"] - pil[p]["score"]) for p in paths)
+        assert off[math.ceil(SAME * IMAGES) - 1] <= SCORE_TOLERANCE, off[-10:]  # the 99.5% quantile
+        assert np.median(off) <= MEDIAN_SCORE_TOLERANCE
     # The two GPU runs: the same kernels on the same pixels, concurrent or one at a time.
     assert all(gpu[p]["label"] == blocking[p]["label"] for p in paths)
     assert max(abs(gpu[p]["score"] - blocking[p]["score"]) for p in paths) <= 1e-4
