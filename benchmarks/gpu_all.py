@@ -152,9 +152,9 @@ class Runner:
                 jsonl = Path(tmp) / "rows.jsonl"
                 cmd = [a.replace("{jsonl}", str(jsonl)).replace("{work}", self.work) for a in part.cmd]
                 t = time.time()
-                rc, output, timed_out = run_group(cmd, limit)
+                header = f"===== {part.name}: {' '.join(cmd)}"
+                rc, output, timed_out = run_group(cmd, limit, self.out / "gpu.log", header)
                 seconds = time.time() - t
-                self.log(part, cmd, output)
                 rows = read_rows(jsonl)
                 if part.name == "tests":
                     rows = pytest_rows(output)
@@ -177,24 +177,30 @@ class Runner:
             for r in rows:
                 f.write(json.dumps({**self.versions, **r}) + "\n")
 
-    def log(self, part: Part, cmd: list[str], output: str) -> None:
-        with open(self.out / "gpu.log", "a", encoding="utf-8") as f:
-            f.write(f"\n===== {part.name}: {' '.join(cmd)}\n{output}")
 
 
-def run_group(cmd: list[str], limit: float) -> tuple[int, str, bool]:
+def run_group(cmd: list[str], limit: float, log: Path, header: str) -> tuple[int, str, bool]:
     """(exit code, stdout and stderr, timed out) of `cmd` in a process group of its own, killed whole at `limit`
-    (DataLoader workers and torchrun's processes too)."""
+    (DataLoader workers and torchrun's processes too). Its output goes straight to the end of `log`, after
+    `header`: whatever stops this process, what the part printed is there."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+    with open(log, "ab") as out:
+        out.write(f"\n{header}\n".encode())
+        out.flush()
+        start = out.tell()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
         try:
             rc, timed_out = proc.wait(timeout=limit), False
         except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+        try:  # the part's group, and whatever it left running (a DataLoader worker, a torchrun child)
             os.killpg(proc.pid, signal.SIGKILL)
-            rc, timed_out = proc.wait(), True
-        out.seek(0)
-        return rc, out.read(), timed_out
+        except ProcessLookupError:
+            pass
+        rc = proc.wait() if rc is None else rc
+    with open(log, "rb") as f:
+        f.seek(start)
+        return rc, f.read().decode("utf-8", errors="replace"), timed_out
 
 
 def last_lines(output: str, n: int = 3) -> str:
