@@ -87,3 +87,31 @@ def test_gpu_decoding_agrees_with_pil_and_has_no_race(tmp_path):
     assert max(abs(gpu[p]["score"] - blocking[p]["score"]) for p in paths) <= 1e-4
     # A confident model, so that the agreement means something.
     assert np.median([pil[p]["score"] for p in paths]) > 0.6
+
+
+def test_stream_handoff_with_real_streams():
+    """StreamHandoff's calls on real CUDA streams and events: the producing thread on a stream of its own, the
+    consumer's stream waiting on its event for a batch still being computed when it is handed over."""
+    import threading
+
+    import torch
+
+    from vitfood.gpu_decode import StreamHandoff
+
+    device = torch.device("cuda")
+    handoff, made = StreamHandoff(device), {}
+
+    def produce():
+        with handoff.producing():
+            made["stream"] = torch.cuda.current_stream(device)
+            x, eye = torch.ones(4096, 4096, device=device), torch.eye(4096, device=device)
+            for _ in range(50):  # tens of milliseconds queued: still running when the event is handed over
+                x = x @ eye
+            made["pixels"], made["event"] = x, handoff.sent()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    thread.join()
+    assert made["stream"] != torch.cuda.current_stream(device)
+    pixels = handoff.received(made["pixels"], made["event"])
+    assert pixels.sum().item() == 4096 * 4096  # ones times the identity: exact
