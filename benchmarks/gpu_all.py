@@ -183,7 +183,8 @@ def run_group(cmd: list[str], limit: float, log: Path, header: str) -> tuple[int
     """(exit code, stdout and stderr, timed out) of `cmd` in a process group of its own, killed whole at `limit`
     (DataLoader workers and torchrun's processes too). Its output goes straight to the end of `log`, after
     `header`: whatever stops this process, what the part printed is there."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
         out.write(f"\n{header}\n".encode())
         out.flush()

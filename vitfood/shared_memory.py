@@ -26,7 +26,9 @@ from vitfood.errors import VitfoodError
 SHM = "/dev/shm"
 PREFETCH = 4  # batches a worker prepares ahead when there is room
 SHARE = 0.75  # of the free space, for one loader's batches: the rest for the batch being pinned, NCCL, other users
-HELD = 2  # batches alive besides the prefetched ones: the one the training process holds, the one being pinned
+# Batches alive besides the prefetched ones: the one the training process holds, and the one being pinned.
+# Measured (benchmarks/RESULTS.md, 2026-12-02): 2 workers x prefetch 2 of 10 MB batches with one held: 50 MB.
+HELD = 2
 
 
 def free_bytes(path: str = SHM) -> int | None:
