@@ -69,17 +69,21 @@ def test_auto_eval_batch_is_lowered_to_fit_and_an_explicit_one_is_kept(monkeypat
     monkeypatch.setattr(shared_memory, "free_bytes", lambda path=shared_memory.SHM: 64 * MB)
     prep = Preprocessing(224, 224)
 
+    said = []
+
     def resolved(eval_batch_size, device="cuda"):
         cfg = TrainConfig(model="m", dataset="d", eval_batch_size=eval_batch_size)
         ctx = types.SimpleNamespace(cfg=cfg, resolved={}, workers=15, device=torch.device(device),
-                                    dist=types.SimpleNamespace(rank=0, world=1), say=print)
+                                    dist=types.SimpleNamespace(rank=0, world=1), say=said.append)
         inputs = types.SimpleNamespace(splits=types.SimpleNamespace(eval=list(range(4000))), prep=prep)
         loader, passes = eval_loader(ctx, inputs, micro=64)
         return ctx.resolved["eval_batch_size"], passes.size, loader.prefetch_factor
 
     # auto on a GPU would take 256 (4,000 images / 15 workers = 266 each); 64 MB of /dev/shm hold 19
-    # (48 MB over 15 + 2 batches of 147 kB images: 19.7).
+    # (48 MB over 15 + 2 batches of 147 kB images: 19.7). The run says so, and the fix.
     assert resolved("auto") == (19, 19, 1)
+    assert said == ["shared memory: 64 MB free in /dev/shm, so evaluation in batches of 19 images, not 256; for "
+                    "more, docker run --shm-size=3g"]  # (15 x 4 + 2) x 38.5 MB / 0.75 = 2.97 GiB
     with pytest.raises(shared_memory.ShmTooSmall, match="--eval-batch-size$"):
         resolved("128")  # the user's own size is not changed behind their back: the run stops, naming the fixes
 

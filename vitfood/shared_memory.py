@@ -66,15 +66,24 @@ class ShmTooSmall(VitfoodError):
     pass
 
 
+def shm_size_gb(batch_bytes: int, workers: int) -> int:
+    """`docker run --shm-size` in GB that holds the full prefetch of batches of `batch_bytes`."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, math.ceil((workers * PREFETCH + HELD) * batch_bytes / SHARE * ranks / 2**30))
+
+
 def too_small(batch: int, image_bytes: int, workers: int, free: int, flag: str) -> ShmTooSmall:
     """The one line for a loader whose batches cannot fit even one a worker: what it needs, and the fixes."""
-    batch_mb = batch * image_bytes / 2**20
-    most = max(0, budget(free) // max(1, batch * image_bytes) - HELD)
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    want = (workers * PREFETCH + HELD) * batch * image_bytes / SHARE * ranks  # room for the full prefetch
-    gb = max(1, math.ceil(want / 2**30))
-    fewer = f"--num-workers {most}" if most >= 1 else "--num-workers 0"
+    batch_bytes = batch * image_bytes
+    most = max(0, budget(free) // max(1, batch_bytes) - HELD)
     return ShmTooSmall(
-        f"shared memory: {workers} DataLoader workers with batches of {batch} images ({batch_mb:.1f} MB each) do "
-        f"not fit in the {free / 2**20:.0f} MB free in {SHM} (Docker's default is 64 MB): give the container "
-        f"more (docker run --shm-size={gb}g), or use {fewer}, or a smaller {flag}")
+        f"shared memory: {workers} DataLoader workers with batches of {batch} images ({batch_bytes / 2**20:.1f} MB "
+        f"each) do not fit in the {free / 2**20:.0f} MB free in {SHM} (Docker's default is 64 MB): give the container "
+        f"more (docker run --shm-size={shm_size_gb(batch_bytes, workers)}g), or use --num-workers {most}, or a "
+        f"smaller {flag}")
+
+
+def lowered_note(auto: int, size: int, image_bytes: int, workers: int, free: int) -> str:
+    """The line a run says when /dev/shm lowered --eval-batch-size auto."""
+    return (f"shared memory: {free / 2**20:.0f} MB free in {SHM}, so evaluation in batches of {size} images, not "
+            f"{auto}; for more, docker run --shm-size={shm_size_gb(auto * image_bytes, workers)}g")
