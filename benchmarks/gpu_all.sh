@@ -12,7 +12,7 @@
 #   env          10 s    nvidia-smi, versions, /dev/shm (and the carried wheels' install before it)
 #   data         40 s    5,000 JPEGs at ~40 ms each on 16 cores (12.5 s), two ViT-B checkpoints (~10 s), the
 #                        Arrow conversion where `datasets` is installed (~15 s)
-#   tests       180 s    pytest -m gpu tests/: the issue's 3 minutes (test_gpu_training.py ~2 min, test_gpu_infer.py ~40 s)
+#   tests       180 s    pytest -m gpu tests/: the issue's 3 minutes (test_gpu_training.py ~2 min, test_gpu_infer ~40 s)
 #   guide        95 s    the guide's job (5,000 JPEGs, 3 epochs): train.py at its defaults (12,000 images at
 #                        ~1,900 images/s = 6 s, + ~15 s fixed), the tuned Trainer eager (12,000 at 1,912/s = 6 s,
 #                        + ~30 s fixed), the Trainer as written for 0.25 epoch (1,000 images at 134/s = 7.5 s, one
