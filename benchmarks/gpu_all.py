@@ -133,8 +133,23 @@ class Runner:
         return self.started + self.guard_s - time.time()
 
     def run(self, parts: list[Part]) -> None:
-        for part in parts:
-            self.run_part(part)
+        """Every part, then the summary; a SIGTERM (gpu_all.sh's outer `timeout`) ends the part running, and the
+        summary is still written."""
+        def stop(signum, frame):
+            raise Stopped
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            for k, part in enumerate(parts):
+                try:
+                    self.run_part(part)
+                except Stopped:
+                    self.append([{"job": f"part {p.name}", "part": p.name, "status": "stopped", "seconds": 0.0,
+                                  "estimate s": p.estimate_s, "rc": None, "error": "stopped by SIGTERM"}
+                                 for p in parts[k:]])
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         summary = summarise(read_rows(self.out / "gpu.jsonl"), time.time() - self.started)
         (self.out / "summary.txt").write_text(summary + "\n")
         print(summary, flush=True)
@@ -180,6 +195,10 @@ class Runner:
 
 
 
+class Stopped(Exception):
+    """SIGTERM arrived while the parts ran."""
+
+
 def run_group(cmd: list[str], limit: float, log: Path, header: str) -> tuple[int, str, bool]:
     """(exit code, stdout and stderr, timed out) of `cmd` in a process group of its own, killed whole at `limit`
     (DataLoader workers and torchrun's processes too). Its output goes straight to the end of `log`, after
@@ -190,15 +209,17 @@ def run_group(cmd: list[str], limit: float, log: Path, header: str) -> tuple[int
         out.write(f"\n{header}\n".encode())
         out.flush()
         start = out.tell()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        # A process group, not a session: the device machine's own clean-up still reaches it.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, process_group=0)
         try:
             rc, timed_out = proc.wait(timeout=limit), False
         except subprocess.TimeoutExpired:
             rc, timed_out = None, True
-        try:  # the part's group, and whatever it left running (a DataLoader worker, a torchrun child)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        finally:  # the part's group, and whatever it left running (a DataLoader worker, a torchrun child)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         rc = proc.wait() if rc is None else rc
     with open(log, "rb") as f:
         f.seek(start)

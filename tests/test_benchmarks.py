@@ -283,3 +283,31 @@ def test_gpu_all_sh_shows_its_plan(tmp_path):
                             "OUT": str(tmp_path)}, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("default: 480 s (8.0 min) estimated")
+
+
+def test_gpu_all_stopped_by_sigterm_ends_its_part_and_still_writes_the_summary(tmp_path):
+    """gpu_all.sh's outer `timeout` sends SIGTERM: the part running is ended with its processes, the parts not
+    run are rows saying so, and the summary is written."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+import gpu_all
+py = [sys.executable, "-c"]
+parts = [gpu_all.Part("sleeper", 1, [*py, "import subprocess, sys, time; "
+                                      "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                                      "print('child started', flush=True); time.sleep(60)"]),
+         gpu_all.Part("next", 1, [*py, "print('never')"])]
+gpu_all.Runner(gpu_all.Path({str(tmp_path)!r}), "work", time.time(), 100, None).run(parts)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    deadline, log = time.time() + 30, tmp_path / "gpu.log"
+    while not (log.exists() and "child started" in log.read_text()):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(r["part"], r["status"]) for r in rows] == [("sleeper", "stopped"), ("next", "stopped")]
+    assert (tmp_path / "summary.txt").read_text() in out
+    leftover = subprocess.run(["pgrep", "-f", "import time; time.sleep(60)"], capture_output=True, text=True)
+    assert leftover.stdout == ""  # the part's own child ended with it
