@@ -141,12 +141,13 @@ class Runner:
         previous = signal.signal(signal.SIGTERM, stop)
         try:
             for k, part in enumerate(parts):
+                if str(self.versions.get("device", "")).startswith("CPU"):  # the env part found no CUDA GPU
+                    self.not_run(parts[k:], "skipped", "no CUDA GPU here: the parts would take hours on the CPU")
+                    break
                 try:
                     self.run_part(part)
                 except Stopped:
-                    self.append([{"job": f"part {p.name}", "part": p.name, "status": "stopped", "seconds": 0.0,
-                                  "estimate s": p.estimate_s, "rc": None, "error": "stopped by SIGTERM"}
-                                 for p in parts[k:]])
+                    self.not_run(parts[k:], "stopped", "stopped by SIGTERM")
                     break
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -187,6 +188,11 @@ class Runner:
         at = time.time() - self.started
         print(f"[{at // 60:.0f}:{at % 60:04.1f}] {part.name}: {status} in {seconds:.0f} s "
               f"(estimate {part.estimate_s} s)" + (f": {error}" if error else ""), flush=True)
+
+    def not_run(self, parts: list[Part], status: str, why: str) -> None:
+        print(f"gpu_all: {why}", flush=True)
+        self.append([{"job": f"part {p.name}", "part": p.name, "status": status, "seconds": 0.0,
+                      "estimate s": p.estimate_s, "rc": None, "error": why} for p in parts])
 
     def append(self, rows: list[dict]) -> None:
         with open(self.out / "gpu.jsonl", "a", encoding="utf-8") as f:

@@ -260,6 +260,13 @@ def test_gpu_all_runs_every_part_through_failures_and_the_guard(tmp_path, capsys
     assert "compute: vitfood bf16 compile off batch 256: 2,706 images/s, MFU 38.9%" in summary
     assert "  broken: exit 1: about to fail | ValueError: no such model" in summary
     assert len(summary.splitlines()) <= 40 and summary in capsys.readouterr().out
+    # Without a CUDA GPU the env part says so and nothing else runs.
+    (tmp_path / "gpu.jsonl").unlink()
+    cpu = [ga.Part("env", 1, [*py, "print('VERSIONS ' + '{\"device\": \"CPU (2 cores)\"}')"]), parts[1]]
+    ga.Runner(tmp_path, "work", started=time.time(), guard_s=60, budget_s=50).run(cpu)
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(r["part"], r["status"]) for r in rows] == [("env", "ok"), ("compute", "skipped")]
+    assert rows[1]["error"] == "no CUDA GPU here: the parts would take hours on the CPU"
 
 
 def test_gpu_all_reads_pytests_outcomes():
