@@ -342,7 +342,9 @@ def env_part() -> None:
             v[name] = __import__(name).__version__
         except ImportError:
             v[name] = "absent"
-    v["cpu cores"] = os.cpu_count()
+    from vitfood.distributed import usable_cores
+
+    v["cpu cores"] = usable_cores()
     print("VERSIONS " + json.dumps(v), flush=True)
 
 
@@ -351,8 +353,10 @@ def make_data(work: Path, images: int) -> None:
     sys.path.insert(0, str(HERE))
     from common import make_jpeg_folder, make_vit_checkpoint
 
+    from vitfood.distributed import usable_cores  # this process's cores, not the host's
+
     t = time.time()
-    folder = make_jpeg_folder(work / f"jpegs-{images}-101", images, classes=101, processes=os.cpu_count() or 1)
+    folder = make_jpeg_folder(work / f"jpegs-{images}-101", images, classes=101, processes=usable_cores())
     print(f"{images:,} JPEGs in {time.time() - t:.1f} s", flush=True)
     t = time.time()
     make_vit_checkpoint(work / "vit-base", size="base")
