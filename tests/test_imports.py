@@ -79,8 +79,8 @@ def test_the_import_graph_is_read_from_every_module():
 
 # Known and owned elsewhere: preprocess.Preprocessing's from_hf_dict / to_hf_dict / at_size import
 # processor_config inside the methods, and processor_config builds Preprocessing objects. The edge below is
-# left out of test_no_import_cycle so that any other cycle still fails it; test_the_known_cycle_is_still_there
-# fails as soon as it is gone, so that this allowance goes with it.
+# left out of test_no_import_cycle so that any other cycle still fails it; test_no_import_cycle_at_all is expected
+# to fail (strict), so it fails as soon as the cycle is gone, and this allowance must go with it.
 KNOWN_CYCLE_EDGE = ("vitfood.preprocess", "vitfood.processor_config")
 
 
