@@ -226,10 +226,11 @@ examples:
       the guide's job: google/vit-base-patch16-224-in21k on 5,000 Food-101 images (needs the Hub)
   python train.py --dataset ./my_photos --epochs 10 --grad-accum-steps 1
       your own photos: a folder with one subfolder per class (the folder names are the labels)
-  python train.py --model ./vit-small --dataset ./my_photos --epochs 30 --grad-accum-steps 1 --learning-rate 1e-3
-      a small or randomly initialised ViT from a local folder: a higher learning rate, more epochs
+  python train.py --model ./vit-small --dataset ./my_photos --epochs 30 --learning-rate 1e-3
+      a small or randomly initialised ViT from a local folder: a higher rate, many more epochs
   python train.py --dataset ./my_photos --epochs 10 --grad-accum-steps 1 --resume-from-checkpoint
-      the same command plus --resume-from-checkpoint continues a stopped run exactly
+      the same command plus --resume-from-checkpoint continues a stopped run exactly (with a
+      higher --epochs, a finished one: the learning-rate schedule is recomputed for the new total)
   python train.py --eval-only --model ./vitfood-output --dataset ./other_photos --output-dir ./report
       evaluate a trained model on other images, without training
 """
