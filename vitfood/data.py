@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vitfood import shared_memory
 from vitfood.errors import VitfoodError
-from vitfood.hub import looks_like_hub_id
+from vitfood.hub import looks_like_hub_id, no_local_folder
 from vitfood.image_cache import ImageCache
 from vitfood.paths import extensions_text, images_under
 from vitfood.preprocess import (BadImageError, Preprocessing, decode_for_training, load_rgb, open_image,
@@ -200,7 +201,7 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
         raise VitfoodError(f"--dataset {dataset}: a file, expected a folder or a Hub dataset id")
     else:
         if not path.exists() and not looks_like_hub_id(dataset):  # a path that is not there
-            raise VitfoodError(f"--dataset {dataset}: no such folder")
+            raise VitfoodError(f"{no_local_folder('--dataset', dataset)}, and as a path it cannot be a Hub dataset id")
         ds = load_arrow_split(dataset, train_split, max_train_samples)
         available = len(ds) if path.is_dir() or not max_train_samples else None
         if max_train_samples and max_train_samples < len(ds):
@@ -384,6 +385,14 @@ class EvalBatchSampler:
 
 def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_workers: int, pin_memory: bool,
                 seed: int) -> DataLoader:
+    """The workers' batches in flight sized to the free space of /dev/shm (`vitfood.shared_memory`); a
+    ShmTooSmall error when not even one batch a worker fits."""
+    image_bytes = prep.height * prep.width * 3  # the workers hand over uint8 HWC pixels
+    free = shared_memory.free_bytes() if num_workers else None
+    prefetch = shared_memory.loader_prefetch(batch_sampler.batch_size * image_bytes, num_workers, free)
+    if prefetch is None:
+        flag = "--eval-batch-size" if isinstance(batch_sampler, EvalBatchSampler) else "--batch-size"
+        raise shared_memory.too_small(batch_sampler.batch_size, image_bytes, num_workers, free, flag)
     # The loader's own generator: its worker seeds are then not drawn from the global torch RNG,
     # which a resumed run restores to the checkpoint's state and must not see consumed differently.
     return DataLoader(
@@ -394,7 +403,7 @@ def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_worker
         collate_fn=make_collate(prep.height, prep.width),
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch if num_workers > 0 else None,
     )
 
 
