@@ -85,7 +85,8 @@ def _as_saved_then(saved: dict) -> tuple[dict, dict]:
     if isinstance(config["eval_batch_size"], int):  # once a number, 16 by default: no flag is today's auto
         n = config["eval_batch_size"]
         config["eval_batch_size"] = defaults["eval_batch_size"] if n == OLD_EVAL_BATCH_DEFAULT else str(n)
-    setup = {"crop_scale": defaults["crop_scale"], **saved["setup"]}  # before --crop-scale: torchvision's range
+    # Before --crop-scale: torchvision's range; before the stratified split: the random one (data.held_out).
+    setup = {"crop_scale": defaults["crop_scale"], "split": "random", **saved["setup"]}
     return setup, config
 
 
