@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, make_image_folder, run
 from vitfood.config import TrainConfig
 from vitfood.errors import VitfoodError
-from vitfood.folder_lock import LOCK_FILE, output_dir_lock
+from vitfood.folder_lock import LOCK_FILE, holds_lock_for_job, output_dir_lock
 from vitfood.run import evaluate_only
 
 # train.py's own code path, held at the start of its first epoch (lock taken, caches made, run.json written)
@@ -44,7 +44,7 @@ def wait_for(path, proc, timeout=120):
 def test_a_second_run_on_a_folder_in_use_stops_at_once_and_the_first_is_untouched(backbone_dir, tmp_path):
     folder = make_image_folder(tmp_path / "ds", per_class=4, size=(16, 16))
     out = tmp_path / "out"
-    args = ["--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--epochs", 2, "--batch-size", 4,
+    args = ["--model", backbone_dir, "--dataset", folder, "--output-dir", out, "--epochs", 1, "--batch-size", 4,
             "--num-workers", 0, "--decode-cache", "on"]
     started, go = tmp_path / "started", tmp_path / "go"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -97,3 +97,13 @@ def test_a_killed_holder_frees_the_folder_and_a_failed_run_leaves_no_folder(tmp_
         with output_dir_lock(tmp_path / "fresh" / "out"):
             raise RuntimeError("the run failed before writing anything")
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("env, holds", [({}, True), ({"WORLD_SIZE": "4", "RANK": "0"}, True),
+                                        ({"WORLD_SIZE": "4", "RANK": "3"}, False), ({"WORLD_SIZE": "1", "RANK": "2"}, True)])
+def test_under_torchrun_rank_0_holds_the_lock_for_the_job(monkeypatch, env, holds):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert holds_lock_for_job() is holds

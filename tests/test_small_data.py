@@ -24,7 +24,7 @@ def names(records):
 @pytest.mark.parametrize("counts, test_size, expected", [
     ([75, 75, 75, 75], 0.2, [15, 15, 15, 15]),  # the 4 x 75: 9 to 21 each before
     ([24, 24, 24], 0.2, [5, 5, 5]),  # 14.4 -> 15 in all: largest remainders, ties to the first classes
-    ([30, 7, 3], 0.25, [8, 1, 1]),  # shares 7.5, 1.75, 0.75: total ceil(10) = 10
+    ([30, 7, 3], 0.25, [7, 2, 1]),  # shares 7.5, 1.75, 0.75: floors 7, 1, 0, then the remainders .75 and .75
     ([100, 2, 1, 0], 0.2, [20, 1, 0, 0]),  # the class of 2 gives one; 1 and 0 cannot
     ([10, 2, 2, 2], 0.2, [1, 1, 1, 1]),  # every class evaluated, the total kept at ceil(3.2) = 4
     ([2] * 10, 0.2, [1] * 10),  # 10 classes to evaluate: more than the 4 asked for
@@ -109,7 +109,7 @@ def test_too_many_bad_images_stop_the_run_before_its_first_step(backbone_dir, tm
         (folder / "green_disc" / f"bad{i}.jpg").write_text("not a photo")
     monkeypatch.setattr("vitfood.run.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
-    with pytest.raises(VitfoodError, match=r"^stopped before training: 2 unreadable images .* --max-bad-fraction "
+    with pytest.raises(VitfoodError, match=r"^stopped at the start: 2 unreadable images .* --max-bad-fraction "
                                            r"0.1 of the 14 allows; all listed in .*bad_images.txt; the first: "):
         train(tiny_config(backbone_dir, folder, out, max_bad_fraction=0.1))
     assert sorted(line.split("\t")[0].split("/")[-1] for line in (out / "bad_images.txt").read_text().splitlines()) \
@@ -138,7 +138,7 @@ def test_a_resumed_run_whose_loss_falls_keeps_the_later_epoch_by_loss(backbone_d
     folder = make_image_folder(tmp_path / "ds", per_class=8, size=(16, 16))
     out = tmp_path / "out"
     train(tiny_config(backbone_dir, folder, out, epochs=1, metric_for_best_model="eval_loss"))
-    train(tiny_config(backbone_dir, folder, out, epochs=4, metric_for_best_model="loss",
+    train(tiny_config(backbone_dir, folder, out, epochs=3, metric_for_best_model="loss",
                       resume_from_checkpoint="latest"))
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
     best_epoch = min(evals, key=lambda r: (r["eval_loss"], r["epoch"]))["epoch"]

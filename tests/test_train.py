@@ -162,7 +162,7 @@ def test_unreadable_training_images_are_skipped_and_listed(backbone_dir, tmp_pat
     assert "broken.jpg" in listed and "empty.png" in listed and "empty file" in listed
     assert result["eval_samples"] + len(listed.splitlines()) >= 13  # 62 images, ceil(0.2 x 62) held out
     # Both are found before training (their headers: tests/test_small_data.py), so the run stops in its setup.
-    with pytest.raises(VitfoodError, match=r"^stopped before training: 2 unreadable images .* --max-bad-fraction 0 "
+    with pytest.raises(VitfoodError, match=r"^stopped at the start: 2 unreadable images .* --max-bad-fraction 0 "
                                            r"of the 62 allows"):
         train(config(backbone_dir, folder, tmp_path / "strict", max_bad_fraction=0.0))
     assert (tmp_path / "strict" / "bad_images.txt").read_text().strip()  # the list, also for a stopped run

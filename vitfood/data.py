@@ -123,6 +123,11 @@ def _arrow_records(ds, source: str) -> ArrowRecords:
         names = list(feature.names)
     else:
         names = [str(v) for v in range(int(max(ds[label_col])) + 1)]
+    labels = np.asarray(ds[label_col])
+    unlabelled = int(((labels < 0) | (labels >= len(names))).sum()) if len(labels) else 0
+    if unlabelled:  # ClassLabel's -1 for a missing label: the split and the loss need a class
+        raise VitfoodError(f"{source}: {unlabelled} rows have no label in 0..{len(names) - 1} (e.g. -1, a missing "
+                           f"label); remove them from the dataset first")
     ds = ds.cast_column(image_cols[0], ImageFeature(decode=False)).select_columns([image_cols[0], label_col])
     return ArrowRecords(ds, image_cols[0], label_col, names)
 

@@ -36,8 +36,9 @@ LOCK_FILE = ".vitfood.lock"
 
 
 def holds_lock_for_job() -> bool:
-    """Rank 0 of a torchrun job (RANK, set before the process group exists), or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """A single process, or rank 0 of a torchrun job (read as distributed.init_distributed reads it, from
+    WORLD_SIZE and RANK: the lock comes before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager
