@@ -128,10 +128,13 @@ def test_the_best_model_metric_and_its_direction(metric, new, old, better):
     assert improves({key: new}, None, metric)
 
 
-def test_trainer_names_are_accepted_and_others_refused():
+def test_trainer_names_are_accepted_and_others_refused(backbone_dir, tmp_path):
     assert TrainConfig(metric_for_best_model="eval_loss").metric_for_best_model == "loss"
     with pytest.raises(VitfoodError, match="--metric-for-best-model must be one of accuracy, loss, top5_accuracy"):
         TrainConfig(metric_for_best_model="f1").validate()
+    folder = make_image_folder(tmp_path / "ds", per_class=2, size=(8, 8))
+    with pytest.raises(VitfoodError, match="top5_accuracy: with 3 classes every label is in the top 5"):
+        train(tiny_config(backbone_dir, folder, tmp_path / "out", metric_for_best_model="eval_top5_accuracy"))
 
 
 def test_a_resumed_run_whose_loss_falls_keeps_the_later_epoch_by_loss(backbone_dir, tmp_path, capsys):

@@ -216,9 +216,9 @@ def evaluate_only(cfg: TrainConfig) -> dict:
             report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, labels)
             report.write_report(ctx.out_dir, results, confusion, labels)
             ctx.write_record("finished")
-            ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 "
-                    f"{results['eval_top5_accuracy']:.4f} on {results['eval_samples']:,} images; report in "
-                    f"{ctx.out_dir}")
+            top5 = f", top-5 {results['eval_top5_accuracy']:.4f}" if len(labels) > 5 else ""  # else always 1
+            ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}{top5} on {results['eval_samples']:,} "
+                    f"images; report in {ctx.out_dir}")
         return results
 
 

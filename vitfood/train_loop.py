@@ -114,6 +114,9 @@ def setup(cfg: TrainConfig) -> Training:
     hub_repo = check_extras(ctx)
     torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
     inputs = load_inputs(ctx, new_head=True)
+    if cfg.metric_for_best_model == "top5_accuracy" and len(inputs.splits.label_names) <= 5:
+        raise VitfoodError(f"--metric-for-best-model top5_accuracy: with {len(inputs.splits.label_names)} classes "
+                           "every label is in the top 5, so every epoch would tie; choose accuracy or loss")
     if ctx.device.type == "cpu":
         # The workers decode on their own cores; more math threads here would only fight them.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - ctx.workers)))
