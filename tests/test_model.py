@@ -131,7 +131,6 @@ def test_bad_checkpoint_folders(tmp_path, backbone_dir):
     ({"size": {"height": 384, "width": 384}, "resample": 3}, (384, 384, None, 3)),
     ({"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}},
      (224, 224, 256, 2)),
-    ({"size": {"shortest_edge": 224}}, (224, 224, 224, 2)),
 ])
 def test_preprocessor_config_forms(cfg, expected):
     p = Preprocessing.from_hf_dict(cfg)

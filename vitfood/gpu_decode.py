@@ -309,6 +309,11 @@ def make_decoder(flag: str, prep: Preprocessing, device: torch.device) -> tuple[
     """
     if decoder_kind(flag, device) == "cpu":
         return None, ""
+    if not prep.gpu_resizable:  # Lanczos, box, hamming: the GPU's resize would give other pixels than eval_resize
+        why = f"the checkpoint's resample filter {Image.Resampling(prep.resample).name} has no GPU resize here"
+        if flag == "gpu":
+            raise VitfoodError(f"--decoder gpu: {why}; use --decoder cpu")
+        return None, f"decoding on the CPU: {why}"
     import io
 
     photo = io.BytesIO()

@@ -24,8 +24,13 @@ from vitfood.errors import VitfoodError
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
 _DEFAULT_STD = (0.5, 0.5, 0.5)
 _EXIF_ORIENTATION = 0x0112
-# Pillow filter -> torch's uint8 antialiased resize, which computes them as transformers does.
-_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+# Pillow filter -> torch's uint8 resize: the kernels transformers' default (torchvision) image processors call.
+# BOX and HAMMING have none in torch (transformers' torchvision processors fail on them); they stay with Pillow,
+# which is what transformers' PIL processors call.
+_TORCH_FILTERS = {Image.Resampling.NEAREST: "nearest-exact", Image.Resampling.BILINEAR: "bilinear",
+                  Image.Resampling.BICUBIC: "bicubic", Image.Resampling.LANCZOS: "lanczos"}
+# The filters infer.py's GPU decoder resizes with as the CPU path does (gpu_decode._TORCH_MODE).
+_GPU_FILTERS = {Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC}
 
 
 class BadImageError(VitfoodError):
@@ -34,85 +39,82 @@ class BadImageError(VitfoodError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the checkpoint's image processor does: resize, rescale to [0, 1], normalise."""
+    """What the checkpoint's image processor does: resize, centre-crop, rescale, normalise, channel order.
+
+    The fields are the transformers image processor's options (vitfood.processor_config reads and writes
+    them); `height` x `width` is always the model's input, the size training crops are made at too.
+    """
 
     height: int
     width: int
     mean: tuple[float, ...] = _DEFAULT_MEAN
     std: tuple[float, ...] = _DEFAULT_STD
     resample: int = Image.Resampling.BILINEAR
-    shortest_edge: int | None = None  # processors sized by {"shortest_edge"}: resize, then centre-crop
+    shortest_edge: int | None = None  # resize the shortest edge to it (aspect kept), then centre-crop
     do_normalize: bool = True
-    rescale_factor: float = 1 / 255
+    rescale_factor: float = 1 / 255  # 1.0: do_rescale false
+    processor: str = "ViTImageProcessor"  # the image_processor_type written back
+    # {"height", "width"} resize then a centre crop to height x width (DeiT's 256 -> 224); None: no crop.
+    resize_height: int | None = None
+    resize_width: int | None = None
+    crop_pct: float | None = None  # ConvNextImageProcessor's: shortest_edge = int(height / crop_pct) below 384
+    rescale_offset: bool = False  # EfficientNet's: x * rescale_factor - 1
+    include_top: bool = False  # EfficientNet's: divided by std a second time
+    flip_channel_order: bool = False  # MobileViT's: BGR
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict, source: str = "preprocessor_config.json") -> "Preprocessing":
-        size = cfg.get("size", 224)
-        shortest = None
-        if isinstance(size, int):  # the legacy ViTFeatureExtractor form, as in the in21k checkpoint
-            height = width = size
-        elif isinstance(size, dict) and "height" in size and "width" in size:
-            height, width = int(size["height"]), int(size["width"])
-        elif isinstance(size, dict) and "shortest_edge" in size:
-            shortest = int(size["shortest_edge"])
-            crop = cfg.get("crop_size") if cfg.get("do_center_crop") else None
-            if isinstance(crop, int):
-                crop = {"height": crop, "width": crop}
-            height, width = (int(crop["height"]), int(crop["width"])) if crop else (shortest, shortest)
-        else:
-            raise VitfoodError(f"{source}: unsupported 'size' {size!r} (expected an int, height/width or shortest_edge)")
-        mean = tuple(float(m) for m in cfg.get("image_mean") or _DEFAULT_MEAN)
-        std = tuple(float(s) for s in cfg.get("image_std") or _DEFAULT_STD)
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise VitfoodError(f"{source}: image_mean and image_std need 3 values each, std > 0")
-        resample = int(cfg.get("resample", Image.Resampling.BILINEAR))
-        if resample not in {int(r) for r in Image.Resampling}:
-            raise VitfoodError(f"{source}: unknown resample {resample}")
-        return cls(
-            height=height, width=width, mean=mean, std=std, resample=resample, shortest_edge=shortest,
-            do_normalize=bool(cfg.get("do_normalize", True)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
-        )
+    def from_hf_dict(cls, cfg: dict, source: str = "preprocessor_config.json",
+                     model_type: str | None = None) -> "Preprocessing":
+        """A preprocessor_config.json's options; one that vitfood would not reproduce to the pixel is a
+        VitfoodError naming it. `model_type` (config.json's) names the processor when the file does not."""
+        from vitfood.processor_config import read_processor
+
+        return read_processor(cfg, source, model_type)
 
     def to_hf_dict(self) -> dict:
-        """A ViTImageProcessor config that reproduces this preprocessing in transformers."""
-        out = {
-            "image_processor_type": "ViTImageProcessor",
-            "do_resize": True,
-            "size": {"height": self.height, "width": self.width},
-            "resample": self.resample,
-            "do_rescale": self.rescale_factor != 1.0,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-        }
-        if self.shortest_edge is not None:
-            out.update(size={"shortest_edge": self.shortest_edge}, do_center_crop=True,
-                       crop_size={"height": self.height, "width": self.width})
-        return out
+        """The preprocessor_config.json of the checkpoint's own processor type: transformers' AutoImageProcessor
+        and pipeline() load it and give the same pixels."""
+        from vitfood.processor_config import write_processor
+
+        return write_processor(self)
+
+    def at_size(self, size: int) -> "Preprocessing":
+        """The same preprocessing for a model fine-tuned at `size` x `size` (--image-size): the crop becomes
+        `size`, the resize before it keeps its proportion to the crop (DINOv2's 256 -> 224 becomes
+        256 * 384 // 224 = 438 -> 384; ConvNeXt keeps its crop_pct, and from 384 up squashes as its processor
+        does). to_hf_dict() then carries the new size."""
+        from vitfood.processor_config import processor_at_size
+
+        return processor_at_size(self, size)
+
+    @property
+    def gpu_resizable(self) -> bool:
+        """Whether infer.py's GPU decoder resizes as eval_resize does (its filter has a GPU counterpart)."""
+        return self.resample in _GPU_FILTERS
 
     # -- on the worker: PIL image -> uint8 HWC array of the model's size
 
     def resize_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(resized width, resized height, crop left, crop top) for a picture of that size, as the
-        checkpoint's image processor: straight to the model's size, or its shortest edge then a centre
-        crop. The CPU path (eval_resize) and the GPU path (gpu_decode) both resize by it."""
+        checkpoint's image processor: to a fixed size, or its shortest edge, then a centre crop to the
+        model's size. The CPU path (eval_resize) and the GPU path (gpu_decode) both resize by it."""
         if self.shortest_edge is None:
-            return self.width, self.height, 0, 0
-        # transformers' arithmetic to the pixel: the long side truncated, not rounded (1000 x 700 -> 365 x 256).
-        short, long = min(width, height), max(width, height)
-        new_long = max(1, int(self.shortest_edge * long / short))
-        rw, rh = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
-        return rw, rh, (rw - self.width) // 2, (rh - self.height) // 2
+            rw, rh = self.resize_width or self.width, self.resize_height or self.height
+        else:
+            # transformers' arithmetic to the pixel: the long side truncated, not rounded (1000 x 700 -> 365 x 256).
+            short, long = min(width, height), max(width, height)
+            new_long = max(1, int(self.shortest_edge * long / short))
+            rw, rh = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
+        return rw, rh, _crop_offset(rw, self.width), _crop_offset(rh, self.height)
 
     def eval_resize(self, img: Image.Image) -> np.ndarray:
         """Deterministic: an RGB picture -> uint8 HWC of the model's size, as the checkpoint's image processor.
 
-        Bilinear and bicubic, the filters ViT checkpoints ask for, run through torch's antialiased resize
-        on uint8: the kernel transformers' image processors call, so the pixels equal the pipeline's
-        (Pillow's own resize is off by a level or more on many pixels), in about a third of Pillow's
-        time. Other filters stay with Pillow.
+        Nearest, bilinear, bicubic and Lanczos run through torch's resize on uint8 (antialiased but nearest):
+        the kernels transformers' default (torchvision) image processors call, so the pixels equal the
+        pipeline's (Pillow's own resize is off by a level or more on many pixels), in about a third of
+        Pillow's time. BOX and HAMMING stay with Pillow, as transformers' PIL processors do. (On an x86 CPU
+        without AVX2, torchvision resizes bilinear through float32 instead: a level apart on a few pixels.)
         """
         rw, rh, left, top = self.resize_box(*img.size)
         mode = _TORCH_FILTERS.get(self.resample)
@@ -123,7 +125,8 @@ class Preprocessing:
             if (rw, rh) != img.size:
                 # HWC memory seen as NCHW is channels-last: torch's vectorised uint8 path, no transposing copy.
                 x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
-                x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=mode, antialias=True, align_corners=False)
+                smooth = {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}
+                x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=mode, **smooth)
                 pixels = x[0].permute(1, 2, 0).numpy()
         if (rw, rh) != (self.width, self.height):
             pixels = _crop_or_pad(pixels, left, top, self.width, self.height)
@@ -132,26 +135,36 @@ class Preprocessing:
     # -- on the device: uint8 batch -> normalised float batch
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (as the workers deliver it) -> normalised [B, 3, H, W] in `dtype`.
+        """uint8 [B, H, W, 3] RGB (as the workers deliver it) -> the model's input [B, 3, H, W] in `dtype`.
 
-        The result is a channels-last view: no copy is made for the permute.
+        Rescale (with EfficientNet's offset), normalise (EfficientNet's include_top: by std twice) or not,
+        in the processor's channel order (MobileViT's BGR). Channels-last: no copy is made for the permute.
         """
-        x = batch.permute(0, 3, 1, 2).float()
-        if self.do_normalize:
-            # (x * r - mean) / std folded into one multiply-add per element.
-            scale, shift = _normalize_constants(self, x.device)
-            x = torch.addcmul(shift, x, scale)
-        else:
-            x = x * self.rescale_factor
-        return x.to(dtype)
+        x = batch.permute(0, 3, 1, 2)
+        if self.flip_channel_order:
+            x = x.flip(1)
+        scale, shift = _normalize_constants(self, x.device)
+        # Every step is per-channel affine: folded into one multiply-add per element.
+        return torch.addcmul(shift, x.float(), scale).to(dtype)
 
 
 @functools.lru_cache(maxsize=16)
 def _normalize_constants(prep: Preprocessing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device: a new tensor per batch would be a blocking host-to-GPU copy each step."""
-    scale = torch.tensor([prep.rescale_factor / s for s in prep.std], device=device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(prep.mean, prep.std)], device=device).view(1, 3, 1, 1)
-    return scale, shift
+    scale, shift = [prep.rescale_factor] * 3, [-1.0 if prep.rescale_offset else 0.0] * 3
+    if prep.do_normalize:
+        scale = [a / s for a, s in zip(scale, prep.std)]
+        shift = [(b - m) / s for b, m, s in zip(shift, prep.mean, prep.std)]
+    if prep.include_top:
+        scale, shift = [a / s for a, s in zip(scale, prep.std)], [b / s for b, s in zip(shift, prep.std)]
+    return torch.tensor(scale, device=device).view(1, 3, 1, 1), torch.tensor(shift, device=device).view(1, 3, 1, 1)
+
+
+def _crop_offset(size: int, crop: int) -> int:
+    """Where transformers' (torchvision) centre crop starts: int((size - crop) / 2) inside the picture;
+    a crop larger than the picture pads (crop - size) // 2 before it. (Its PIL processors pad one more
+    on an odd difference; the torchvision ones are AutoImageProcessor's default.)"""
+    return (size - crop) // 2 if size >= crop else -((crop - size) // 2)
 
 
 def _crop_or_pad(pixels: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
@@ -330,14 +343,32 @@ def rotate_zoom(hwc: torch.Tensor, degrees: float, scale: float) -> torch.Tensor
     return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
 
 
-def load_preprocessing(model_dir: Path, image_size: int) -> Preprocessing:
-    """The checkpoint's preprocessor_config.json; without one, the ViT defaults at its image size."""
-    from vitfood.fileio import read_json
-    from vitfood.model import PREPROCESSOR_NAME
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
-    path = Path(model_dir) / PREPROCESSOR_NAME
-    prep = Preprocessing.from_hf_dict(read_json(path), str(path)) if path.is_file() else Preprocessing(image_size, image_size)
-    if (prep.height, prep.width) != (image_size, image_size):
+
+def load_preprocessing(model_dir: Path, image_size: int | None = None) -> Preprocessing:
+    """The checkpoint's preprocessor_config.json; a ViT without one takes the ViT defaults at its image size.
+
+    A file that names no processor type takes config.json's model_type's, as AutoImageProcessor does.
+    `image_size`, when given, must be the size the processor makes.
+    """
+    from vitfood.fileio import read_json
+
+    path = Path(model_dir) / PREPROCESSOR_CONFIG
+    config_path = Path(model_dir) / "config.json"
+    cfg = read_json(path) if path.is_file() else None
+    model_type = None
+    if not (cfg and (cfg.get("image_processor_type") or cfg.get("feature_extractor_type"))):
+        model_type = read_json(config_path).get("model_type") if config_path.is_file() else None
+    if cfg is not None:
+        prep = Preprocessing.from_hf_dict(cfg, str(path), model_type)
+    elif model_type not in (None, "vit") or image_size is None:
+        # Another family's pixels (timm's transforms, a ConvNeXt's crop_pct) are not the ViT defaults.
+        raise VitfoodError(f"{path}: not found; without it vitfood takes the ViT defaults, and only for a ViT "
+                           f"checkpoint of known size (this one's model_type: {model_type})")
+    else:
+        prep = Preprocessing(image_size, image_size)
+    if image_size is not None and (prep.height, prep.width) != (image_size, image_size):
         raise VitfoodError(f"{path}: resizes to {prep.height}x{prep.width} but the model's config.json "
                            f"has image_size {image_size}")
     return prep
