@@ -151,3 +151,22 @@ def test_a_resumed_run_whose_loss_falls_keeps_the_later_epoch_by_loss(backbone_d
     assert f"best eval_loss {saved['eval_loss']:.4f} (epoch {best_epoch}, eval_accuracy" in capsys.readouterr().err
     record = json.loads((out / "run.json").read_text())["config"]
     assert record["metric_for_best_model"] == "loss" and record["split"] == "stratified"
+
+
+def test_runs_made_before_the_stratified_split_keep_their_own(tmp_path):
+    """A checkpoint or a trained model whose record has no "split" was made with the random split: resuming it,
+    or evaluating it with --eval-only, holds out the same images it did (not images it trained on)."""
+    from vitfood.run import split_rule
+
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "step-00000003"
+    ckpt.mkdir(parents=True)
+    resume = TrainConfig(output_dir=str(out), resume_from_checkpoint="latest")
+    for setup, rule in (({"seed": 42}, "random"), ({"seed": 42, "split": "stratified"}, "stratified")):
+        (ckpt / "trainer_state.json").write_text(json.dumps({"setup": setup}))
+        assert split_rule(resume, tmp_path / "unused", training=True) == rule
+        assert split_rule(TrainConfig(eval_only=True), ckpt, training=False) == rule
+    (out / "run.json").write_text(json.dumps({"config": {"seed": 42}}))
+    assert split_rule(TrainConfig(eval_only=True), out, training=False) == "random"
+    assert split_rule(TrainConfig(), out, training=True) == "stratified"  # a new run
+    assert split_rule(TrainConfig(eval_only=True), tmp_path / "hub-model", training=False) == "stratified"
