@@ -33,7 +33,8 @@ def jpeg_copies(work: Path, n: int, distinct: int) -> Path:
     root = work / f"jpegs-{n}-of-{distinct}"
     if root.exists() and sum(1 for _ in root.rglob("*.jpg")) == n:
         return root
-    originals = sorted(make_jpeg_folder(work / f"originals-{distinct}", distinct, processes=usable_cores()).rglob("*.jpg"))
+    made = make_jpeg_folder(work / f"originals-{distinct}", distinct, processes=usable_cores())
+    originals = sorted(made.rglob("*.jpg"))
     for i in range(n):
         folder = root / f"class_{i % 4:03d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,8 @@ def main(argv=None) -> None:
         assert not bad, bad[:3]
         best = min(times)
         print(json.dumps({"job": "header check", "threads": threads, "images": len(records),
-                          "seconds": [round(t, 3) for t in times], "us_per_image": round(1e6 * best / len(records), 1)}))
+                          "seconds": [round(t, 3) for t in times],
+                          "us_per_image": round(1e6 * best / len(records), 1)}))
     n = min(args.decode_sample, len(records))
     t0 = time.perf_counter()
     for i in range(n):

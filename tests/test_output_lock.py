@@ -100,7 +100,8 @@ def test_a_killed_holder_frees_the_folder_and_a_failed_run_leaves_no_folder(tmp_
 
 
 @pytest.mark.parametrize("env, holds", [({}, True), ({"WORLD_SIZE": "4", "RANK": "0"}, True),
-                                        ({"WORLD_SIZE": "4", "RANK": "3"}, False), ({"WORLD_SIZE": "1", "RANK": "2"}, True)])
+                                        ({"WORLD_SIZE": "4", "RANK": "3"}, False),
+                                        ({"WORLD_SIZE": "1", "RANK": "2"}, True)])
 def test_under_torchrun_rank_0_holds_the_lock_for_the_job(monkeypatch, env, holds):
     for name in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)

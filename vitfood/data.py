@@ -179,7 +179,7 @@ class Splits:
     eval: Records
     label_names: list[str]
     available: int | None  # training images before --max-train-samples; None: only part of a Hub split was fetched
-    warnings: list[str] = field(default_factory=list)  # one line each, for the run to print: small classes, loose images
+    warnings: list[str] = field(default_factory=list)  # lines for the run to print: small classes, loose images
     rule: str = "stratified"  # how --test-size was held out (STRATIFIED or RANDOM), recorded for resumption
 
 

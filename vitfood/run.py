@@ -155,8 +155,8 @@ def check_images(ctx: RunContext, parts: list[data.Records]) -> data.BadImages:
         ctx.write_bad_images(bad)
         name, why = next(iter(bad.found.items()))
         raise VitfoodError(f"stopped at the start: {len(bad.found):,} unreadable images (found by opening each "
-                           f"image's header), more than --max-bad-fraction {ctx.cfg.max_bad_fraction:g} of the {total:,} "
-                           f"allows; all listed in {listed}; the first: {name}: {why}")
+                           f"image's header), more than --max-bad-fraction {ctx.cfg.max_bad_fraction:g} of the "
+                           f"{total:,} allows; all listed in {listed}; the first: {name}: {why}")
     name, why = next(iter(bad.found.items()))
     ctx.say(f"vitfood: warning: {plural(len(bad.found), 'image')} cannot be opened, skipped (the run lists them in "
             f"{listed}); the first: {name}: {why}")
