@@ -149,7 +149,8 @@ def gpu(args) -> list[dict]:
              "images/s": args.batch_size / t, "ms/batch": t * 1000}]
 
 
-def main():
+def parse_args(argv: list[str] | None = None):
+    """The command line, checked (gpu_all.py's tests parse its parts' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", choices=["cold", "gpu", "folder"], help="default: gpu on a GPU, cold on the CPU")
     p.add_argument("--model-size", choices=["tiny", "base"], default="base")
@@ -161,10 +162,15 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--work", help="folder for the generated checkpoint and photos (default: a temp folder)")
     p.add_argument("--jsonl", help="append the results to this JSON-lines file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     choose_mode(args, "bench_infer.py", gpu="gpu", cpu="cold")
     if args.smoke:  # 22 photos: infer.py prints its summary line from 20 on; batches of 8, 8 and 6
         args.model_size, args.images, args.batch_size = "tiny", 22, 8
+    return args
+
+
+def main():
+    args = parse_args()
     rows = {"cold": cold, "gpu": gpu, "folder": folder}[args.mode](args)
     write_jsonl(args.jsonl, rows)
     print(versions())

@@ -213,7 +213,8 @@ def compute(args, work: Path) -> list[dict]:
             print(f"compute timm: {TIMM_MISSING}", file=sys.stderr, flush=True)
             continue
         for precision in args.precisions:
-            for compile_ in args.compile:
+            for compile_ in [c for c in args.compile if c == "off" or args.compiled_impls is None
+                             or impl in args.compiled_impls]:
                 for batch in args.batch_sizes:
                     rows.append(compute_row(impl, precision, compile_, batch, checkpoint, arch, device, args.steps,
                                             peaks, flops))
@@ -250,6 +251,7 @@ class Job:
     flags: str | None = None  # the flags given to train.py beyond --model, --dataset and --epochs, for the table
     own_folder: bool = False  # run from an empty folder of its own: train.py writes to its default ./vitfood-output
     cache: str | None = None  # the jobs naming one cache share one compiler cache within a repeat: later ones warm
+    part_epochs: float | None = None  # a guide job run for this many of the epochs: its whole process is projected
 
 
 def run_job(cmd: list[str], log: Path, cwd: Path | None = None, cache_dir: Path | None = None) -> tuple[float, str]:
@@ -315,7 +317,25 @@ def vitfood_result(out: Path, seconds: float) -> dict:
 
 def guide_result(stdout: str) -> dict:
     result = json.loads(stdout.split("GUIDE_RESULT ", 1)[1].splitlines()[0])
-    return {"steady images/s": result["steady_images_per_s"], "eval accuracy": result["eval_accuracy"]}
+    return {"steady images/s": result["steady_images_per_s"], "eval accuracy": result["eval_accuracy"],
+            "guide timings": {k: result.get(k) for k in ("train_images", "eval_s", "save_s")}}
+
+
+def projection(measured_s: float, part_epochs: float, epochs: int, timings: dict, rate: float | None) -> dict | None:
+    """The whole run's seconds from a measured part of it (the first `part_epochs` of `epochs`, with its one
+    evaluation and save): the part's whole process, plus the remaining epochs' training at the part's steady
+    rate, plus the remaining evaluations and saves at the part's. None when the part gave no figures."""
+    n, evals, saves = timings.get("train_images"), timings.get("eval_s") or [], timings.get("save_s") or []
+    if not (n and rate and evals):
+        return None
+    per_epoch_extra = statistics.mean(evals) + (statistics.mean(saves) if saves else 0.0)
+    more_images = (epochs - part_epochs) * n
+    more_epochs = epochs - len(evals)  # an evaluation and a save per epoch; the part made len(evals)
+    total = measured_s + more_images / rate + more_epochs * per_epoch_extra
+    return {"projected whole process s": total,
+            "projection": f"{measured_s:.1f} s measured ({part_epochs:g} of {epochs} epochs) + {more_images:,.0f} "
+                          f"images / {rate:,.1f} images/s + {more_epochs} x {per_epoch_extra:.1f} s (evaluation "
+                          f"and save) = {total:.1f} s"}
 
 
 def output_folder(job: Job, cwd: Path | None) -> Path:
@@ -352,13 +372,22 @@ def run_jobs(jobs: list[Job], args, work: Path) -> list[dict]:
                 print(f"{job.name}: its results could not be read: {e!r}", file=sys.stderr, flush=True)
                 continue
             result["whole process s"] = seconds
+            if job.part_epochs is not None:  # a measured part: the whole run projected from it
+                result["measured s"] = seconds
+                proj = projection(seconds, job.part_epochs, args.epochs, result["guide timings"],
+                                  result["steady images/s"])
+                # No projection, no whole-process figure: a part's seconds are not the whole job's.
+                result["whole process s"] = proj["projected whole process s"] if proj else None
+                result["projection"] = proj["projection"] if proj else "none: the part gave no steady rate or evaluation"
+                print(f"{job.name}: projected {result['projection']}", file=sys.stderr, flush=True)
             runs[job.name].append(result)
             done = {"job": job.name, "repeat": repeat, "steady images/s": result["steady images/s"],
                     "whole process s": seconds, "eval accuracy": result["eval accuracy"]}
             if job.kind == "vitfood":
                 done["fixed cost s"] = result["fixed cost s"]
             print(done, file=sys.stderr, flush=True)
-            extra = {k: result[k] for k in ("settings", "fixed cost parts", "timeline") if k in result}
+            extra = {k: result[k] for k in ("settings", "fixed cost parts", "timeline", "measured s", "projection",
+                                            "guide timings") if k in result}
             write_jsonl(args.jsonl, [{**done, "mode": "e2e-run", "bench": args.mode, "images": args.images,
                                       "epochs": args.epochs, "flags": job.flags, "compiler cache": str(cache),
                                       **extra}])
@@ -381,6 +410,8 @@ def run_jobs(jobs: list[Job], args, work: Path) -> list[dict]:
             row["fixed cost s"] = median("fixed cost s")
         row.update({"eval accuracy": results[-1]["eval accuracy"], "runs": len(results),
                     "settings": results[-1].get("settings") or job.settings})
+        if "projection" in results[-1]:
+            row["projection"] = results[-1]["projection"]
         rows.append(row)
     return rows
 
@@ -476,15 +507,23 @@ def guide_job(args, work: Path) -> list[dict]:
     """The guide's job: train.py at its defaults against the guide's Trainer as written and tuned."""
     workers = tuned_workers(args)
     folder, backbone = jpegs_and_backbone(args, work, usable_cores())
-    guide = [sys.executable, GUIDE, "--data", str(folder), "--model", str(backbone), "--epochs", str(args.epochs),
-             "--data-backend", args.data_backend]
+    def guide_cmd(epochs: float) -> list[str]:
+        return [sys.executable, GUIDE, "--data", str(folder), "--model", str(backbone), "--epochs", f"{epochs:g}",
+                "--data-backend", args.data_backend]
+
+    guide = guide_cmd(args.epochs)
+    # As written: the whole job, or its first --guide-part epochs with the rest projected from them.
+    written, part = guide, ""
+    if args.guide_part is not None:
+        written = guide_cmd(args.guide_part)
+        part = f", measured {args.guide_part:g} of {args.epochs} epochs, the rest projected"
     # Tuned: what the Trainer's flags offer, the guide's 64 images per optimizer step computed at once.
     tuned = [*guide, "--batch-size", "64", "--grad-accum-steps", "1", "--tuned", "--workers", str(workers)]
     tuned_settings = f"{trainer_precision()}, 64 x 1, {workers} workers"
     jobs = [Job("vitfood train.py, its defaults", "vitfood", train_py(backbone, folder, args.epochs), "vitfood",
                 own_folder=True),
-            Job("Trainer, guide as written", "guide", [*guide, "--output-dir", str(work / "out-guide")], "guide",
-                f"fp32, 16 x 4, no workers, {args.data_backend}"),
+            Job("Trainer, guide as written", "guide", [*written, "--output-dir", str(work / "out-guide")], "guide",
+                f"fp32, 16 x 4, no workers, {args.data_backend}" + part, part_epochs=args.guide_part),
             Job("Trainer, tuned, compiled", "tuned-compiled", [*tuned, "--output-dir", str(work / "out-tuned-compiled")],
                 "guide", f"{tuned_settings}, torch_compile"),
             Job("Trainer, tuned, eager", "tuned", [*tuned, "--no-compile", "--output-dir", str(work / "out-tuned")],
@@ -533,7 +572,8 @@ E2E_KEYS = ["vitfood", "guide", "tuned", "ddp"]
 JOB_KEYS = {"e2e": E2E_KEYS, "guide-job": GUIDE_JOB_KEYS, "steady": STEADY_KEYS}
 
 
-def main():
+def parse_args(argv: list[str] | None = None):
+    """The command line, checked (gpu_all.py's tests parse its parts' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", choices=["compute", "e2e", "guide-job", "steady"],
                    help="default: compute on a GPU; on the CPU e2e with the tiny model (minutes, not hours)")
@@ -559,6 +599,11 @@ def main():
                         f"guide-job: some of {' '.join(GUIDE_JOB_KEYS)} (default: all; --smoke leaves out "
                         f"tuned-compiled); steady: some of {' '.join(STEADY_KEYS)} (default: all, best-warm only "
                         "when the best flags compile)")
+    p.add_argument("--guide-part", type=float, default=None,
+                   help="guide-job: run the Trainer as written for this many epochs only (e.g. 0.25) and project its "
+                        "whole process from them (its steady rate, evaluation and save); default: the whole job")
+    p.add_argument("--compiled-impls", nargs="+", choices=["vitfood", "hf", "timm"], default=None,
+                   help="compute: the models that get the --compile on rows (default: all of --impls)")
     p.add_argument("--best-flags", default=None,
                    help=f"steady: train.py's flags for the best rows, one quoted string (default: '{BEST_FLAGS}'; "
                         f"--smoke: '{SMOKE_BEST_FLAGS}'; a single flag as --best-flags=--compile)")
@@ -570,7 +615,7 @@ def main():
                         "installed)")
     p.add_argument("--work", help="folder for generated JPEGs, checkpoints and run outputs (default: a temp folder)")
     p.add_argument("--jsonl", help="append the results to this JSON-lines file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     choose_mode(args, "bench_train.py", gpu="compute", cpu="e2e", cpu_settings={"model_size": "tiny"})
     if args.mode == "compute":
         args.compile = args.compile or ["off"]
@@ -586,6 +631,8 @@ def main():
         p.error(f"{args.mode}: no --jobs (e2e, guide-job and steady take it)")
     if args.jobs and args.mode == "e2e" and "vitfood" not in args.jobs:
         p.error("e2e: --jobs needs vitfood: the speed-ups are vitfood's over each other row")
+    if args.guide_part is not None and (args.mode != "guide-job" or not 0 < args.guide_part):
+        p.error("--guide-part: guide-job only, a number of epochs more than 0")
     if args.best_flags is not None and args.mode != "steady":
         p.error(f"{args.mode}: no --best-flags (steady takes it)")
     images, epochs = SIZES[args.mode]
@@ -607,6 +654,11 @@ def main():
     if args.mode == "guide-job" and args.jobs is None:
         # Compiling the tuned Trainer on a CPU takes minutes: the smoke run leaves it out.
         args.jobs = [k for k in GUIDE_JOB_KEYS if not (args.smoke and k == "tuned-compiled")]
+    return args
+
+
+def main():
+    args = parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="vitfood-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     run = {"compute": compute, "e2e": e2e, "guide-job": guide_job, "steady": steady}[args.mode]

@@ -138,7 +138,8 @@ def main():
     images_per_step = args.batch_size * args.grad_accum_steps * max(1, training_args.world_size)
     result = {"steady_images_per_s": clock.steady_rate(images_per_step), "steps": out.global_step,
               "train_samples_per_second": out.metrics.get("train_samples_per_second"),
-              "eval_accuracy": trainer.state.best_metric}
+              "eval_accuracy": trainer.state.best_metric, "train_images": len(train_ds),
+              "eval_s": clock.eval_s, "save_s": clock.save_s}
     print("GUIDE_RESULT " + json.dumps(result), flush=True)
 
 
@@ -158,15 +159,24 @@ class StepClock(TrainerCallback):
 
     def __init__(self, skip_first: int = 2):
         self.times, self.dirty, self.skip_first = [], set(), skip_first
+        self.eval_s, self.save_s = [], []  # each evaluation's and save's seconds (for projecting a part of a run)
+        self.last = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter())
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()  # the epoch's evaluation, then its save, follow
+
     def on_evaluate(self, args, state, control, **kwargs):
         self.dirty.add(len(self.times))  # the interval that ends at the next step
+        self.eval_s.append(time.perf_counter() - max(self.last, self.times[-1] if self.times else 0.0))
+        self.last = time.perf_counter()
 
     def on_save(self, args, state, control, **kwargs):
         self.dirty.add(len(self.times))
+        self.save_s.append(time.perf_counter() - max(self.last, self.times[-1] if self.times else 0.0))
+        self.last = time.perf_counter()
 
     def steady_rate(self, images_per_step: int) -> float | None:
         """Images over the median step time: a recompile (a short last batch) or a stall is one outlier,

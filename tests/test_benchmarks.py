@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -121,6 +123,33 @@ def test_bench_train_guide_job_smoke(tmp_path):
     run = json.loads((tmp_path / "run-guide-job-0-0" / "vitfood-output" / "run.json").read_text())
     assert run["command"][1:] == ["--model", str(tmp_path / "vit-tiny"), "--dataset", str(tmp_path / "jpegs-40-4"),
                                   "--epochs", "2"]  # no other flag: the defaults
+    run = next(json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()
+               if '"e2e-run"' in line and "guide as written" in line)
+    timings = run["guide timings"]  # what a projection needs: the images, each evaluation's and save's seconds
+    assert timings["train_images"] == 32 and len(timings["eval_s"]) == len(timings["save_s"]) == 2
+    assert all(0 < t < guide["whole process s"] for t in timings["eval_s"] + timings["save_s"])
+
+
+def test_the_trainer_as_written_run_in_part_is_projected_whole(tmp_path, monkeypatch):
+    """--guide-part: a quarter of the first of 3 epochs measured (20 s, 134 images/s, one evaluation of 5 s and
+    one save of 3 s): 2.75 epochs of 4,000 images more, and 2 more evaluations and saves."""
+    bt = bench_train_module()
+    part = {"steady_images_per_s": 134.0, "eval_accuracy": 0.5, "train_images": 4000, "eval_s": [5.0], "save_s": [3.0]}
+    monkeypatch.setattr(bt.os, "sync", lambda: None)  # nothing of this test's to write back
+    monkeypatch.setattr(sys.modules["common"], "versions", dict)  # the rows' versions: importing transformers, 7 s
+    monkeypatch.setattr(bt, "run_job", lambda cmd, log, cwd=None, cache_dir=None:
+                        (20.0, "GUIDE_RESULT " + json.dumps(part) + "\n"))
+    args = types.SimpleNamespace(repeats=1, mode="guide-job", jsonl=str(tmp_path / "rows.jsonl"), images=5000, epochs=3)
+    job = bt.Job("Trainer, guide as written", "guide", ["guide_trainer.py"], "guide", part_epochs=0.25)
+    [row] = bt.run_jobs([job], args, tmp_path)
+    assert row["whole process s"] == pytest.approx(20 + 2.75 * 4000 / 134 + 2 * (5 + 3))
+    assert row["projection"] == ("20.0 s measured (0.25 of 3 epochs) + 11,000 images / 134.0 images/s + 2 x 8.0 s "
+                                 "(evaluation and save) = 118.1 s")
+    assert json.loads((tmp_path / "rows.jsonl").read_text())["measured s"] == 20.0
+    # A part without a steady rate projects nothing, and claims no whole-process figure.
+    part["steady_images_per_s"] = None
+    [row] = bt.run_jobs([job], args, tmp_path)
+    assert row["whole process s"] is None and row["projection"].startswith("none")
 
 
 def test_bench_train_steady_smoke(tmp_path):
@@ -157,3 +186,135 @@ def test_bench_saves_smoke(tmp_path):
     rows = bench("bench_saves.py", "--model-size", "tiny", "--repeats", 1, work=tmp_path)
     assert [r["save"].split(",")[0] for r in rows] == ["checkpoint", "best model"]
     assert all(r["whole save s"] > 0 and r["snapshot s"] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------- gpu_all.sh: the one GPU command
+
+
+def gpu_all_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_all
+
+    return gpu_all
+
+
+def test_gpu_all_default_plan_fits_8_minutes_its_header_says_so_and_every_command_parses():
+    ga, bt = gpu_all_module(), bench_train_module()
+    import bench_infer
+
+    plans = ga.plans()
+    default = plans["default"]
+    assert [p.name for p in default] == ["env", "data", "tests", "guide", "compute", "infer", "compute-hf-compiled"]
+    assert sum(p.estimate_s for p in default if not p.optional) <= ga.DEFAULT_BUDGET_S == 480 < ga.GUARD_S <= 540
+    header = (ROOT / "benchmarks" / "gpu_all.sh").read_text()
+    for p in default:  # the script's header shows each part's estimate, as the plan has it
+        assert re.search(rf"^#\s+{re.escape(p.name)}\s+{p.estimate_s} s\b", header, re.M), p.name
+    assert re.search(r"^#\s+total\s+480 s\s+= 8.0 minutes", header, re.M)
+    parsers = {"bench_train.py": bt.parse_args, "bench_infer.py": bench_infer.parse_args}
+    for plan in plans.values():
+        for part in plan:
+            cmd = [a.replace("{jsonl}", "rows.jsonl").replace("{work}", "work") for a in part.cmd]
+            script = os.path.basename(cmd[1])
+            if script in parsers:
+                args = parsers[script](cmd[2:])  # exits on a flag the script does not take
+                assert args.jsonl == "rows.jsonl" and args.work == "work"
+            elif script == "gpu_all.py":
+                assert cmd[2] in ("env", "make-data")
+            elif script == "bench_saves.py":
+                assert cmd[2:4] == ["--model-size", "base"]
+            else:
+                assert cmd[1:5] == ["-m", "pytest", "-m", "gpu"], cmd
+
+
+def test_gpu_all_runs_every_part_through_failures_and_the_guard(tmp_path, capsys):
+    """Fake parts: each part's rows land in gpu.jsonl with the versions, a failed part is a row with its error and
+    the next still runs, the guard stops a part that runs too long and skips the rest, an optional part runs only
+    within the budget; the summary is one screen."""
+    ga = gpu_all_module()
+    py = [sys.executable, "-c"]
+    row = ("import json, sys; open(sys.argv[1], 'a').write(json.dumps({'job': 'compute vitfood', 'precision': "
+           "'bf16', 'compile': 'off', 'batch': 256, 'images/s': 2706.0, 'MFU %': 38.9}) + '\\n')")
+    parts = [ga.Part("env", 1, [*py, "print('VERSIONS ' + '{\"torch\": \"2.11\", \"device\": \"H200\"}')"]),
+             ga.Part("compute", 1, [*py, row, "{jsonl}"]),
+             ga.Part("broken", 1, [*py, "import sys; print('about to fail'); sys.exit('ValueError: no such model')"]),
+             ga.Part("late-optional", 100, [*py, "print('runs')"], optional=True),
+             ga.Part("slow", 1, [*py, "import time; print('started', flush=True); time.sleep(60)"], limit_s=60),
+             ga.Part("after", 1, [*py, "print('never')"])]
+    start = time.time()
+    ga.Runner(tmp_path, str(tmp_path / "work"), started=start, guard_s=2.5, budget_s=50).run(parts)
+    assert time.time() - start < 15
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    status = {r["part"]: r["status"] for r in rows if r["job"].startswith("part ")}
+    assert status == {"env": "ok", "compute": "ok", "broken": "failed", "late-optional": "skipped",
+                      "slow": "timed out", "after": "skipped"}
+    assert all(r["torch"] == "2.11" for r in rows[1:])  # the versions in every row after the env part's
+    measured = [r for r in rows if r["job"] == "compute vitfood"]
+    assert len(measured) == 1 and measured[0]["part"] == "compute" and measured[0]["images/s"] == 2706.0
+    broken = next(r for r in rows if r["job"] == "part broken")
+    assert broken["rc"] == 1 and broken["error"] == "exit 1: about to fail | ValueError: no such model"
+    assert next(r for r in rows if r["job"] == "part slow")["error"].endswith("started")
+    log = (tmp_path / "gpu.log").read_text()
+    assert "===== broken:" in log and "started" in log and "never" not in log  # even a killed part's output
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.startswith("gpu_all: H200; torch 2.11")
+    assert "compute: vitfood bf16 compile off batch 256: 2,706 images/s, MFU 38.9%" in summary
+    assert "  broken: exit 1: about to fail | ValueError: no such model" in summary
+    assert len(summary.splitlines()) <= 40 and summary in capsys.readouterr().out
+    # Without a CUDA GPU the env part says so and nothing else runs.
+    (tmp_path / "gpu.jsonl").unlink()
+    cpu = [ga.Part("env", 1, [*py, "print('VERSIONS ' + '{\"device\": \"CPU (2 cores)\"}')"]), parts[1]]
+    ga.Runner(tmp_path, "work", started=time.time(), guard_s=60, budget_s=50).run(cpu)
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(r["part"], r["status"]) for r in rows] == [("env", "ok"), ("compute", "skipped")]
+    assert rows[1]["error"] == "no CUDA GPU here: the parts would take hours on the CPU"
+
+
+def test_gpu_all_reads_pytests_outcomes():
+    ga = gpu_all_module()
+    output = ("12.50s call     tests/test_gpu_infer.py::test_a\n0.50s setup    tests/test_gpu_infer.py::test_a\n"
+              "PASSED tests/test_gpu_infer.py::test_a\n"
+              "FAILED tests/test_gpu_training.py::test_b - AssertionError: weights differ\n"
+              "SKIPPED [1] tests/test_gpu_training.py:40: needs 2 GPUs\n")
+    assert ga.pytest_rows(output) == [
+        {"job": "gpu test", "test": "tests/test_gpu_infer.py::test_a", "outcome": "passed", "seconds": 13.0,
+         "message": ""},
+        {"job": "gpu test", "test": "tests/test_gpu_training.py::test_b", "outcome": "failed", "seconds": None,
+         "message": "AssertionError: weights differ"},
+        {"job": "gpu test", "test": "tests/test_gpu_training.py:40", "outcome": "skipped", "seconds": None,
+         "message": "needs 2 GPUs"}]
+
+
+def test_gpu_all_sh_shows_its_plan(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_all.sh"), "--plan"], capture_output=True, text=True,
+                       env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+                            "OUT": str(tmp_path)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("default: 480 s (8.0 min) estimated")
+
+
+def test_gpu_all_stopped_by_sigterm_ends_its_part_and_still_writes_the_summary(tmp_path):
+    """gpu_all.sh's outer `timeout` sends SIGTERM: the part running is ended with its processes, the parts not
+    run are rows saying so, and the summary is written."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+import gpu_all
+py = [sys.executable, "-c"]
+parts = [gpu_all.Part("sleeper", 1, [*py, "import subprocess, sys, time; "
+                                      "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                                      "print('child started', flush=True); time.sleep(60)"]),
+         gpu_all.Part("next", 1, [*py, "print('never')"])]
+gpu_all.Runner(gpu_all.Path({str(tmp_path)!r}), "work", time.time(), 100, None).run(parts)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    deadline, log = time.time() + 30, tmp_path / "gpu.log"
+    while not (log.exists() and "child started" in log.read_text()):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(r["part"], r["status"]) for r in rows] == [("sleeper", "stopped"), ("next", "stopped")]
+    assert (tmp_path / "summary.txt").read_text() in out
+    leftover = subprocess.run(["pgrep", "-f", "import time; time.sleep(60)"], capture_output=True, text=True)
+    assert leftover.stdout == ""  # the part's own child ended with it

@@ -165,3 +165,36 @@ def test_an_operation_without_a_deterministic_version_is_one_line(clean_environ)
     with pytest.raises(RuntimeError, match="something else"):  # other errors pass through
         with deterministic_algorithms(True):
             raise RuntimeError("something else")
+
+
+# ---------------------------------------------------------------- --compile where it cannot work
+
+@pytest.mark.parametrize("device, env, found, blocker", [
+    ("cpu", {}, {"g++"}, None),
+    ("cpu", {}, set(), "no C++ compiler (g++; inductor builds CPU kernels with it, or $CXX)"),
+    ("cpu", {"CXX": "clang++"}, {"clang++"}, None),
+    ("cuda", {}, {"clang"}, None),
+    ("cuda", {}, {"g++"}, "no C compiler (Triton builds its kernels with gcc, clang or $CC): install gcc"),
+    ("cuda", {"CC": "/opt/cc"}, {"gcc"}, "$CC (/opt/cc) is not found; Triton builds its kernels with it"),
+])
+def test_compile_blocker_finds_a_missing_compiler(monkeypatch, device, env, found, blocker):
+    # A slim container, faked: only the programs in `found` exist; Triton is there.
+    import shutil
+
+    from vitfood.execution import compile_blocker
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")} | env)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in found else None)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    assert compile_blocker(device) == blocker
+
+
+def test_compile_on_where_it_cannot_work_is_one_line_before_training_and_auto_runs_eager():
+    from vitfood.execution import compile_decision
+
+    why = "no C compiler (Triton builds its kernels with gcc, clang or $CC): install gcc"
+    with pytest.raises(VitfoodError, match=r"^--compile on: torch.compile cannot run here: no C compiler \(Triton .*"
+                                           r"install gcc; or pass --compile off$"):
+        compile_decision("on", "cuda", 10**6, why)
+    assert compile_decision("auto", "cuda", 10**6, why) == (False, f"off (auto: torch.compile cannot run here: {why})")
+    assert compile_decision("off", "cuda", 10**6, why) == (False, "off")

@@ -4,6 +4,7 @@ with the CPU stand-in of the GPU decoder (torchvision's decode_jpeg on the CPU, 
 What only a GPU can show (nvJPEG's own pixels and speed) is measured by `bench_infer.py folder` on one.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -319,6 +320,103 @@ def test_the_next_batch_is_read_and_decoded_while_the_model_runs(trained, tmp_pa
     assert seen == {"read ahead": True, "decoded ahead": True}
     assert [r.image for r in results] == paths and all(r.predictions for r in results)
     assert [len(names) for names, ok in stand_in.calls] == [2, 2, 2]
+
+
+class FakeCuda:
+    """torch.cuda's streams and events as `StreamHandoff` uses them, on the CPU: every call logged with its thread.
+    Each thread's current stream is its own, as in CUDA; "default" until a `stream(...)` block sets another."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self._current = threading.local()
+        fake = self
+
+        class Stream:
+            def __init__(self, device):
+                self.name = f"side {sum(e[0] == 'new stream' for e in fake.log)}"
+                fake.note("new stream", self.name)
+
+            def wait_event(self, event):
+                fake.note("wait", self.name, event.name)
+
+        class Event:
+            def __init__(self):
+                self.name = None
+
+            def record(self, stream):
+                self.name = f"event {sum(e[0] == 'record' for e in fake.log)}"
+                fake.note("record", stream.name, self.name)
+
+        self.Stream, self.Event = Stream, Event
+        self.default = Stream.__new__(Stream)  # the stream every thread starts on, not made by the code under test
+        self.default.name = "default"
+
+    def note(self, *what) -> None:
+        self.log.append((*what, threading.current_thread().name))
+
+    def current_stream(self, device=None):
+        return getattr(self._current, "stream", self.default)
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        before = self.current_stream()
+        self._current.stream = s
+        try:
+            yield
+        finally:
+            self._current.stream = before
+
+
+def test_the_gpu_path_hands_each_batch_over_between_streams(trained, tmp_path, monkeypatch):
+    """Issue 17, 1.5: the decoding thread decodes on a stream of its own, records an event after the batch is
+    made, and the model's stream waits on that event, the batch recorded as used there, before the model reads it."""
+    clf = load_classifier(trained)
+    files = {f"{i}.jpg": encode(photo(40 + i)) for i in range(5)}
+    files["5.png"] = encode(photo(45), "PNG")  # a CPU-decoded image joins the batch on the decoding thread's stream
+    names = write_files(tmp_path, files)
+    paths = [str(tmp_path / n) for n in files]
+    cuda = FakeCuda()
+    monkeypatch.setattr(gpu_decode, "stream_handoff", lambda device: gpu_decode.StreamHandoff(device, cuda))
+    stand_in = StandIn(clf.prep, names)
+
+    def decoder(encoded):
+        cuda.note("decode", cuda.current_stream().name)
+        return stand_in(encoded)
+
+    real_logits, batches = clf.logits_of_batch, []
+
+    def logits(batch, precision="fp32"):
+        cuda.note("model", cuda.current_stream().name)
+        batches.append(batch)
+        return real_logits(batch, precision)
+
+    monkeypatch.setattr(clf, "logits_of_batch", logits)
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, stream: cuda.note("record_stream", stream.name, t.data_ptr()), raising=False)
+    results = list(classify_stream(clf, paths, batch_size=2, decoder=decoder))
+    assert [r.image for r in results] == paths and all(r.predictions for r in results)
+
+    main = threading.current_thread().name
+    made = [e for e in cuda.log if e[0] == "new stream"]
+    assert len(made) == 1 and made[0][-1] != main  # the decoding thread's own stream, made once, on that thread
+    side, decoding_thread = made[0][1], made[0][-1]
+    for what, *rest in cuda.log:  # each call on the right thread and stream
+        if what in ("decode", "record"):
+            assert rest[0] == side and rest[-1] == decoding_thread, (what, rest)
+        if what in ("model", "wait", "record_stream"):
+            assert rest[0] == "default" and rest[-1] == main, (what, rest)
+    # Per batch, in order: decoded, its event recorded on the side stream, the model's stream waits on it and
+    # records the batch as used there, then the model runs. The decoding of batch k+1 may interleave.
+    consumer = [e[:-1] for e in cuda.log if e[-1] == main]
+    events = [e[2] for e in cuda.log if e[0] == "record"]
+    assert consumer == [step for k, batch in enumerate(batches) for step in
+                        (("wait", "default", events[k]), ("record_stream", "default", batch.data_ptr()),
+                         ("model", "default"))]
+    for k, event in enumerate(events):  # batch k's decoding (2 images, or 1 JPEG + the PNG) before its event
+        recorded = cuda.log.index(("record", side, event, decoding_thread))
+        decodes_before = sum(e[0] == "decode" for e in cuda.log[:recorded])
+        assert decodes_before == k + 1
+    assert len(events) == len(batches) == 3
 
 
 def drawn_jpegs(folder, n: int, seed: int) -> list[str]:

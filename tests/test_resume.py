@@ -233,3 +233,82 @@ def test_a_read_only_output_folder_fails_before_training(backbone_dir, folder, s
     r = run("train.py", *train_args(backbone_dir, folder, small_disk / "out", 0))
     assert r.returncode == 2 and "cannot write there (Read-only file system)" in r.stderr
     assert "train:" not in r.stderr  # no step was taken
+
+
+def test_a_resume_takes_this_runs_optimizer_options_and_any_precisions_scaler(backbone_dir):
+    # A CPU run's checkpoint (unfused AdamW, weight decay 0) resumed as on a GPU (fused AdamW: built for "cuda",
+    # which the CPU runs too) with --weight-decay 0.5, in fp16 (a GradScaler, which a CPU checkpoint has no state for).
+    import io
+
+    import torch
+
+    from vitfood.model import load_model
+    from vitfood.optim import build_optimizer
+    from vitfood.resume import load_optimizer_state, load_scaler_state
+
+    model, _ = load_model(backbone_dir, labels=["a", "b"])
+    cpu_run = build_optimizer(model, 1e-3, 0.0, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    cpu_run.step()
+    buf = io.BytesIO()
+    torch.save(cpu_run.state_dict(), buf)  # as checkpoint.py writes it, read back as it reads it
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def one_step_after_resume(load) -> list:
+        with torch.no_grad():
+            for p, b in zip(model.parameters(), before):
+                p.copy_(b)
+        gpu_run = build_optimizer(model, 1e-3, 0.5, torch.device("cuda"))
+        load(gpu_run)
+        gpu_run.step()
+        return gpu_run, [p.detach().clone() for p in model.parameters()]
+
+    resumed, after = one_step_after_resume(lambda opt: load_optimizer_state(opt, saved))
+    assert [g["fused"] for g in resumed.param_groups] == [True, True]
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.5, 0.0]
+    decayed = {id(p) for p in resumed.param_groups[0]["params"]}
+    state = next(iter(resumed.state.values()))
+    assert state["step"].item() == 2 and state["step"].dtype == torch.float32  # the fused kernel's step count
+    # torch's own load keeps the checkpoint's options: unfused, no decay. The difference of one step is the
+    # decay itself, lr x 0.5 x the weight, on the decayed group only: the new --weight-decay applies.
+    kept, plain = one_step_after_resume(lambda opt: opt.load_state_dict(saved))
+    assert [g["fused"] for g in kept.param_groups] == [None, None] or not kept.param_groups[0]["fused"]
+    for p, b, a, q in zip(model.parameters(), before, after, plain):
+        expected = 1e-3 * 0.5 * b if id(p) in decayed else torch.zeros_like(b)
+        torch.testing.assert_close(q - a, expected, atol=1e-7, rtol=1e-3)
+    # The loss scale: a CPU/bf16/fp32 checkpoint saved none (a disabled scaler's state is {}).
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        fp16.load_state_dict({})  # the crash this mends
+    load_scaler_state(fp16, {})
+    assert fp16.get_scale() == 2.0**16  # a fresh scale
+    load_scaler_state(fp16, {**fp16.state_dict(), "scale": 1024.0})  # an fp16 checkpoint's scale is kept
+    assert fp16.get_scale() == 1024.0
+    load_scaler_state(torch.amp.GradScaler("cpu", enabled=False), fp16.state_dict())  # fp16 into bf16: no use
+
+
+def test_a_checkpoint_from_before_a_must_match_setting_resumes(tmp_path):
+    # Every must-match setting an older vitfood did not have (its checkpoint lacks it) reads as the field's own
+    # default, which is what the run did then: the same command resumes, and a changed value is still refused.
+    from dataclasses import asdict
+
+    from vitfood.config import MATCH, TrainConfig, fields_where
+    from vitfood.errors import VitfoodError
+    from vitfood.resume import check_resume, run_facts
+
+    cfg = TrainConfig(dataset="./photos")
+    facts = run_facts(cfg, ["a", "b"], 224, 1)
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    newer = [n for n in fields_where("resume", MATCH) if facts[n] == defaults[n]]  # (not max_train_samples: resolved)
+    assert {"rotation", "zoom", "crop_scale", "flip"} <= set(newer)
+    old_setup = {k: v for k, v in facts.items() if k not in newer}
+    old_config = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in newer}
+    said = []
+    check_resume({"setup": old_setup, "config": old_config}, facts, cfg, said.append, tmp_path)
+    assert said == []
+    rotated = TrainConfig(dataset="./photos", rotation=7.0)
+    with pytest.raises(VitfoodError, match=r"the run differs in rotation: 0.0 then, 7.0 now$"):
+        check_resume({"setup": old_setup, "config": old_config}, run_facts(rotated, ["a", "b"], 224, 1), rotated,
+                     said.append, tmp_path)

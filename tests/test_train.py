@@ -1,6 +1,7 @@
 """The training loop, in process: accumulation, determinism, lr 0, bad data, output folder checks."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -273,3 +274,93 @@ def test_a_failed_last_save_fails_the_run_and_another_error_keeps_its_place(back
     with pytest.raises(RuntimeError, match="the loop's own error"):
         train(config(backbone_dir, image_folder, tmp_path / "second"))
     assert "vitfood: the last save failed too: cannot save a checkpoint" in capsys.readouterr().err
+
+
+def test_fp16_a_nan_loss_never_reaches_the_weights_and_stops_the_run_at_the_next_check(backbone_dir, image_folder,
+                                                                                      tmp_path, monkeypatch):
+    # fp16 with its GradScaler and a GPU's fused AdamW, both of which the CPU runs too; a NaN loss at optimizer
+    # step 2 of the epoch's 8. The step is skipped on the device (as the scaler's own overflow skips are), the host
+    # learns of it at its next check (the epoch's end here: no log line or save is due before) and stops the run
+    # there with the one line; between the checks the loop reads nothing from the device.
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitfood import distributed, optim, train_loop
+
+    monkeypatch.setattr(distributed, "resolve_precision", lambda flag, device: "fp16")
+    monkeypatch.setattr(train_loop, "build_optimizer",
+                        lambda model, lr, wd, device: optim.build_optimizer(model, lr, wd, torch.device("cuda")))
+    runs = []
+    real_setup = train_loop.setup
+    monkeypatch.setattr(train_loop, "setup", lambda cfg: runs.append(real_setup(cfg)) or runs[-1])
+
+    def cross_entropy(logits, labels, reduction):
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+        return loss * float("nan") if runs[-1].state.step + 1 == 2 else loss
+
+    monkeypatch.setattr(train_loop, "F", SimpleNamespace(cross_entropy=cross_entropy))
+    reads = Counter()  # host reads of a tensor's value (a sync on a GPU), by the optimizer steps done
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:  # .item(), bool(), also inside torch's C++
+                reads[runs[-1].state.step] += 1
+            return func(*args, **(kwargs or {}))
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            with HostReads():
+                return fn(*args, **kwargs)
+        return call
+
+    for name in ("compute_gradients", "optimizer_step", "after_step"):
+        monkeypatch.setattr(train_loop, name, watched(getattr(train_loop, name)))
+    real_tolist = torch.Tensor.tolist  # read in C++ without a dispatch on the CPU: counted here
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.update([runs[-1].state.step]) or real_tolist(self))
+    out = tmp_path / "out"
+    with pytest.raises(VitfoodError, match=r"^non-finite loss or gradient norm at optimizer step 2 \(epoch 1\): "
+                                           r"stopped; that step changed no weight"):
+        train(config(backbone_dir, image_folder, out, logging_steps=100))
+    t = runs[-1]
+    assert t.schedule.steps_per_epoch == t.state.step == 8 and t.state.step - 2 < train_loop.HOST_CHECK_STEPS
+    assert set(reads) == {1, 8}  # the check after the first step, and the epoch's end: none in between
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    # Skipped on the device: the NaN step and the scaler's overflows (each halved the scale from 2^16).
+    skipped = round(math.log2(2.0**16 / t.scaler.get_scale()))
+    assert next(iter(t.optimizer.state.values()))["step"].item() == 8 - skipped and skipped >= 1
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_compile_auto_runs_eager_when_compilation_fails_and_on_stops_with_one_line(backbone_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # Compilation that fails at the first step (as inductor does without a C compiler), faked by a backend that
+    # raises; --compile auto is made to compile on this CPU. auto goes on eager with one line; on stops with one
+    # line (its setup's cheap look for a compiler found one).
+    from vitfood import train_loop
+
+    folder = make_image_folder(tmp_path / "img", per_class=4)
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("Failed to find C compiler (fake)")
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend=no_compiler))
+    monkeypatch.setattr(train_loop, "compile_decision", lambda setting, *rest: (setting != "off", "on (faked)"))
+    try:
+        result = train(config(backbone_dir, folder, tmp_path / "auto", batch_size=4, eval_batch_size=4, compile="auto"))
+        said = capsys.readouterr().err
+        with pytest.raises(VitfoodError, match=r"^--compile on: torch.compile failed \(RuntimeError: Failed to find C "
+                                               r"compiler \(fake\)\); pass --compile off$"):
+            train(config(backbone_dir, folder, tmp_path / "on", batch_size=4, eval_batch_size=4, compile="on"))
+    finally:
+        torch._dynamo.reset()
+    assert said.count("torch.compile failed") == 1 and ("vitfood: --compile auto: torch.compile failed (RuntimeError: "
+                                                        "Failed to find C compiler (fake)): running eager from now on"
+                                                        in said)
+    assert result["step"] == 3 and (tmp_path / "auto" / "model.safetensors").exists()
+    record = json.loads((tmp_path / "auto" / "run.json").read_text())["config"]
+    assert record["compile"] == "off" and record["compile_decision"].startswith("off (auto: torch.compile failed")
+    assert json.loads((tmp_path / "on" / "run.json").read_text())["status"] == "failed"

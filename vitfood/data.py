@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vitfood import shared_memory
 from vitfood.errors import VitfoodError
 from vitfood.hub import looks_like_hub_id
 from vitfood.image_cache import ImageCache
@@ -502,6 +503,14 @@ class EvalBatchSampler:
 
 def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_workers: int, pin_memory: bool,
                 seed: int) -> DataLoader:
+    """The workers' batches in flight sized to the free space of /dev/shm (`vitfood.shared_memory`); a
+    ShmTooSmall error when not even one batch a worker fits."""
+    image_bytes = prep.height * prep.width * 3  # the workers hand over uint8 HWC pixels
+    free = shared_memory.free_bytes() if num_workers else None
+    prefetch = shared_memory.loader_prefetch(batch_sampler.batch_size * image_bytes, num_workers, free)
+    if prefetch is None:
+        flag = "--eval-batch-size" if isinstance(batch_sampler, EvalBatchSampler) else "--batch-size"
+        raise shared_memory.too_small(batch_sampler.batch_size, image_bytes, num_workers, free, flag)
     # The loader's own generator: its worker seeds are then not drawn from the global torch RNG,
     # which a resumed run restores to the checkpoint's state and must not see consumed differently.
     return DataLoader(
@@ -512,7 +521,7 @@ def make_loader(dataset: Dataset, batch_sampler, prep: Preprocessing, num_worker
         collate_fn=make_collate(prep.height, prep.width),
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch if num_workers > 0 else None,
     )
 
 

@@ -96,11 +96,24 @@ def resolve_device(flag: str, d: Dist = Dist()) -> torch.device:
 def resolve_precision(flag: str, device: torch.device) -> str:
     if flag == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if native_bf16() else "fp16"
         return "fp32"
     if flag == "fp16" and device.type != "cuda":
         raise VitfoodError("--precision fp16 needs a CUDA GPU (loss scaling is a GPU feature); use bf16 or fp32")
     return flag
+
+
+def native_bf16() -> bool:
+    """Whether the current GPU computes in bf16 natively (sm80 and later), not by emulation.
+
+    torch.cuda.is_bf16_supported() counts emulation by default, so it answers True on a V100 or T4. There bf16
+    means emulated matmuls, the math attention kernel and an inductor that refuses bf16: fp16 with loss
+    scaling is the right choice. torch before 2.3 has no `including_emulation`, and counted no emulation.
+    """
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.is_bf16_supported()
 
 
 def autocast(device: torch.device, precision: str):

@@ -7,6 +7,8 @@ a GPU, and each says why in its docstring.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -16,20 +18,65 @@ from vitfood.errors import VitfoodError, first_line
 AUTO_COMPILE_MIN_IMAGES = 100_000  # a prediction from the H200 figures, unmeasured: see benchmarks/RESULTS.md
 
 
-def compile_decision(setting: str, device_type: str, train_images: int) -> tuple[bool, str]:
+def compile_decision(setting: str, device_type: str, train_images: int,
+                     blocker: str | None = None) -> tuple[bool, str]:
     """Whether to compile, and why (for run.json): --compile on/off, or auto.
 
     auto compiles on a GPU when the run is long enough to repay the compilation: an eager step of
     ViT-B/16 is launch-bound, so compiling saves a share of every step, but costs seconds to tens of
     seconds up front. On the CPU the kernels themselves are the cost and compiling saves little.
+    `blocker` (compile_blocker's answer): why compiling cannot work here; on then fails before training starts,
+    auto runs eager.
     """
     if setting != "auto":
+        if setting == "on" and blocker:
+            raise VitfoodError(f"--compile on: torch.compile cannot run here: {blocker}; or pass --compile off")
         return setting == "on", setting
     if device_type != "cuda":
         return False, "off (auto: not on the CPU)"
     if train_images < AUTO_COMPILE_MIN_IMAGES:
         return False, f"off (auto: {train_images:,} training images are fewer than {AUTO_COMPILE_MIN_IMAGES:,})"
+    if blocker:
+        return False, f"off (auto: torch.compile cannot run here: {blocker})"
     return True, f"on (auto: {train_images:,} training images)"
+
+
+def compile_blocker(device_type: str) -> str | None:
+    """Why torch.compile cannot work on this machine, found without compiling anything; None when it may.
+
+    Inductor builds a GPU's kernels with Triton, which compiles each kernel's launcher with a C compiler ($CC,
+    else gcc or clang: triton/runtime/build.py), and the CPU's kernels with a C++ compiler ($CXX, else g++).
+    Slim containers have none: without this look the run would die at its first step, after its whole setup.
+    Whatever else fails in compilation is caught at the step (is_compile_failure).
+    """
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # an older torch: Triton comes with the CUDA wheels
+            return None
+        if not has_triton():
+            return "Triton is not installed or does not support this GPU (pip install triton)"
+        cc = os.environ.get("CC")
+        if cc is not None:
+            return None if shutil.which(cc) else f"$CC ({cc}) is not found; Triton builds its kernels with it"
+        if shutil.which("gcc") or shutil.which("clang"):
+            return None
+        return "no C compiler (Triton builds its kernels with gcc, clang or $CC): install gcc"
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx}; inductor builds CPU kernels with it, or $CXX)"
+
+
+def is_compile_failure(e: BaseException) -> bool:
+    """Whether `e` is torch.compile's backend failing (inductor, Triton, the C compiler), not the model's code."""
+    exc = sys.modules.get("torch._dynamo.exc")  # loaded by any compilation: imported here it would cost the CLI
+    return exc is not None and isinstance(e, exc.BackendCompilerFailed)
+
+
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo wrap_model's Module.compile() on every submodule it compiled: they run eager from now on."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
 
 
 def wrap_model(model, use_compile: bool, device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module, object]:
@@ -49,6 +96,24 @@ def wrap_model(model, use_compile: bool, device: torch.device, world: int) -> tu
     # still overlaps the backward pass.
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return ddp, model, ddp
+
+
+def skip_step_unless_finite(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), unless `skip` (a bool on the device), with no host sync where the device is a GPU.
+
+    The fused AdamW kernel (the GPU's, optim.build_optimizer) takes the flag as the GradScaler hands it over, as
+    the optimizer's `found_inf`: a step it marks leaves the parameters, the moments and the step count as they
+    were (torch/optim/adam.py, _fused_adam). An unfused optimizer (the CPU's) cannot take it and reads the flag:
+    on the CPU that is no sync, the value is already computed.
+    """
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip.item():
+        optimizer.step()
 
 
 def resolve_micro_batch(setting: str, batch_size: int, grad_accum_steps: int, device: torch.device, world: int) -> int:

@@ -11,6 +11,8 @@ and resized there with the checkpoint's filter.
   the same resize) it is the stand-in that tests the GPU path's logic and agreement without a GPU.
 - `decode_each`: a batch through a decoder, retried image by image when the decoder refuses it as a
   whole (nvJPEG fails the batch for one bad file), so one bad file never costs its neighbours.
+- `StreamHandoff`: the decoding thread's own CUDA stream, and the hand-over of its pixels to the thread
+  that runs the model (an event to wait on, the tensor recorded on the model's stream).
 
 Imports no torchvision until a decoder is made: `infer.py photo.jpg` on the CPU never needs it.
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -250,6 +254,11 @@ class TorchJpegDecoder:
         self._decode, self._rgb = decode_jpeg, ImageReadMode.RGB
 
     def __call__(self, encoded: list[torch.Tensor]) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # torchvision allocates nvJPEG's outputs on this thread's stream but writes them on a stream of its
+            # own, which does not wait for this one: memory that this stream's queued kernels (the previous
+            # call's resize) still read must be free before it can be handed to nvJPEG.
+            torch.cuda.current_stream(self.device).synchronize()
         return resize_to_model(self._decode(encoded, mode=self._rgb, device=self.device), self.prep)
 
 
@@ -272,6 +281,52 @@ def decode_each(decoder: Callable[[list[torch.Tensor]], torch.Tensor], encoded: 
         except Exception:  # noqa: BLE001 - any refusal (corrupt data, out of memory) is this image's alone
             out.append(fallback(i))
     return out
+
+
+class StreamHandoff:
+    """Pixels decoded on the GPU by a background thread, handed to the thread that runs the model (issue 17, 1.5).
+
+    The caching allocator reuses freed memory at once for a new tensor on the same stream, trusting that
+    stream's order; nvJPEG writes on a stream of torchvision's own, outside that order. Were the decoding
+    thread on the model's stream, nvJPEG could be handed memory that the model's queued kernels still read:
+    silently wrong pixels. So each decoding thread works on its own stream (`producing`), records an event
+    when its batch is made (`sent`), and the consumer's stream waits on that event, with the batch recorded
+    as used there (`received`) so that its memory is not reused before the consumer's kernels are done.
+    `cuda` is torch.cuda; the tests pass a fake one that records the calls.
+    """
+
+    def __init__(self, device: torch.device, cuda=torch.cuda):
+        self.device, self.cuda = device, cuda
+        self._local = threading.local()  # each decoding thread its own stream
+
+    def _stream(self):
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = self.cuda.Stream(self.device)
+        return self._local.stream
+
+    @contextmanager
+    def producing(self):
+        """The calling thread's own stream made current for the work inside."""
+        with self.cuda.stream(self._stream()):
+            yield
+
+    def sent(self):
+        """An event recorded on the calling thread's stream after the batch's work, for the consumer to wait on."""
+        event = self.cuda.Event()
+        event.record(self._stream())
+        return event
+
+    def received(self, pixels: torch.Tensor, event) -> torch.Tensor:
+        """On the consumer's thread: its stream waits for the event; the tensor is marked as used there."""
+        consumer = self.cuda.current_stream(self.device)
+        consumer.wait_event(event)
+        pixels.record_stream(consumer)
+        return pixels
+
+
+def stream_handoff(device: torch.device) -> StreamHandoff | None:
+    """The hand-over of decoded pixels between threads on a CUDA device; None on the CPU, where there are no streams."""
+    return StreamHandoff(device) if device.type == "cuda" else None
 
 
 def chunks_by_pixels(pixels: list[int], budget: int = DECODE_PIXELS_PER_CALL) -> list[range]:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,6 +344,7 @@ class _GpuBatches:
     def __init__(self, clf: Classifier, pool: _DecodePool, timeout: float, decoder):
         self.clf, self.pool, self.timeout, self.decoder = clf, pool, timeout, decoder
         self.gpu = _DecodePool(1)
+        self.handoff = gpu_decode.stream_handoff(clf.device)  # the decoding thread's own CUDA stream; None on the CPU
 
     def start(self, batch: list) -> tuple[list, Future]:
         jobs = [x if isinstance(x, NoImagesError) else self.pool.submit(_read_ahead, self.clf, x, self.timeout)
@@ -350,7 +352,10 @@ class _GpuBatches:
         return jobs, self.gpu.submit(self._assemble, batch, jobs)
 
     def finish(self, batch: list, started: tuple[list, Future]):
-        return started[1].result()
+        results, good, pixels, event = started[1].result()
+        if event is not None:  # on the model's thread: its stream waits until the batch is made
+            pixels = self.handoff.received(pixels, event)
+        return results, good, pixels
 
     def cancel(self, started: tuple[list, Future]) -> None:
         _cancel([*started[0], started[1]])
@@ -358,9 +363,18 @@ class _GpuBatches:
     def close(self) -> None:
         self.gpu.close()
 
-    def _assemble(self, batch: list, jobs: list) -> tuple[list[Result], list[int], torch.Tensor | None]:
-        """On the decoder's thread: the batch's Results and its good images' pixels, on the model's device."""
+    def _assemble(self, batch: list, jobs: list) -> tuple[list[Result], list[int], torch.Tensor | None, object]:
+        """On the decoder's thread: the batch's Results, its good images' pixels on the model's device, and the
+        event the model's stream waits on before reading them (None on the CPU)."""
         results, ready = _collect(batch, jobs)
+        with self.handoff.producing() if self.handoff else nullcontext():
+            good, pixels = self._decode(results, ready)
+            event = self.handoff.sent() if self.handoff and pixels is not None else None
+        return results, good, pixels, event
+
+    def _decode(self, results: list[Result], ready: dict) -> tuple[list[int], torch.Tensor | None]:
+        """The GPU's JPEGs decoded in chunks, the rest's pixels joined to them -> (the entries with pixels, their
+        batch); an image no decoder takes gets its error in `results`."""
         jpegs = [i for i, v in ready.items() if isinstance(v, _Jpeg)]
         for chunk in gpu_decode.chunks_by_pixels([ready[i].pixels for i in jpegs]):
             rows = [jpegs[k] for k in chunk]
@@ -374,8 +388,8 @@ class _GpuBatches:
                 else:
                     ready[i] = pixels
         if not ready:
-            return results, [], None
-        return results, list(ready), self._stack(list(ready.values()))
+            return [], None
+        return list(ready), self._stack(list(ready.values()))
 
     def _on_cpu(self, source: str):
         """The CPU path for a JPEG the GPU decoder refused: its pixels, or the BadImageError naming it."""

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from vitfood.config import FREE, MATCH, TrainConfig, fields_where
-from vitfood.distributed import Dist, all_reduce_sum
 from vitfood.errors import VitfoodError
 
 
@@ -76,8 +75,10 @@ OLD_EVAL_BATCH_DEFAULT = 16  # --eval-batch-size before auto
 
 def _as_saved_then(saved: dict) -> tuple[dict, dict]:
     """(setup, config) of a checkpoint, completed for settings added since the version that wrote it:
-    the same command line resumes an earlier vitfood's run without a warning that every new setting changed.
-    A missing setting reads as its default (the same command); crop_scale as the range that was fixed then."""
+    the same command line resumes an earlier vitfood's run without a refusal or a warning for every new setting.
+    A missing setting, must-match ones included, reads as its field's default: before the setting existed, the
+    run did what the default does now (a new setting's default must keep the old behaviour; crop_scale's is
+    torchvision's range, fixed before --crop-scale)."""
     defaults = _as_saved(asdict(TrainConfig()))
     config = {**defaults, **saved["config"]}
     if isinstance(config.get("compile"), bool):  # once a switch: no --compile is today's default
@@ -85,9 +86,33 @@ def _as_saved_then(saved: dict) -> tuple[dict, dict]:
     if isinstance(config["eval_batch_size"], int):  # once a number, 16 by default: no flag is today's auto
         n = config["eval_batch_size"]
         config["eval_batch_size"] = defaults["eval_batch_size"] if n == OLD_EVAL_BATCH_DEFAULT else str(n)
-    # Before --crop-scale: torchvision's range; before the stratified split: the random one (data.held_out).
-    setup = {"crop_scale": defaults["crop_scale"], "split": "random", **saved["setup"]}
+    # Before the stratified split (not a flag, so not among the defaults): the random one (data.held_out).
+    setup = {**{name: defaults[name] for name in fields_where("resume", MATCH)}, "split": "random", **saved["setup"]}
     return setup, config
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The checkpoint's AdamW moments and step counts, under this run's group options.
+
+    optimizer.load_state_dict would bring back the options each group had when it was saved: `fused` as on the
+    device the checkpoint came from (a CPU checkpoint would run unfused AdamW on a GPU, where the skip of a
+    non-finite step needs the fused kernel), and the weight decay of the earlier command (a resume with another
+    --weight-decay would keep the old one while its warning says the new one applies). Loading under this
+    run's options also puts each state where this run's kernel wants it (fused: the step counts on the device).
+    The learning rate is the schedule's, set at every step.
+    """
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    groups = [{**options, "params": group["params"]}
+              for options, group in zip(configured, saved["param_groups"], strict=True)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """An fp16 run's loss scale. A checkpoint of another precision (bf16, fp32, the CPU) saved none: an fp16
+    run resumed from it starts with a fresh scale, which finds its level in a few steps; an fp16 checkpoint
+    resumed in another precision has no use for its scale."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
 
 
 def host_rng_state() -> dict:
@@ -123,7 +148,8 @@ class TrainingInterrupted(Exception):
 
 
 class StopSignals:
-    """SIGTERM/SIGINT ask the loop to stop after the optimizer step in flight; a second SIGINT stops now."""
+    """SIGTERM/SIGINT ask the loop to stop after the optimizer step in flight (under torchrun: at the loop's next
+    check, within train_loop.HOST_CHECK_STEPS steps, where all ranks agree to stop); a second SIGINT stops now."""
 
     def __init__(self):
         self.signum = 0
@@ -136,11 +162,6 @@ class StopSignals:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-
-    def requested(self, d: Dist, device: torch.device) -> bool:
-        if d.world > 1:  # all ranks stop at the same step, or the save's barrier would hang
-            return bool(all_reduce_sum(torch.tensor(self.signum, device=device), d).item())
-        return bool(self.signum)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitfood import checkpoint, data, distributed, hub, report
+from vitfood import checkpoint, data, distributed, hub, report, shared_memory
 from vitfood.config import TrainConfig
 from vitfood.distributed import Dist, usable_cores
 from vitfood.evaluation import EvalPasses, evaluate, label_map_for
@@ -179,6 +179,11 @@ def eval_loader(ctx: RunContext, inputs: Inputs, micro: int, cache=None):
     cfg, records = ctx.cfg, inputs.splits.eval
     size = ctx.resolved["eval_batch_size"] = resolve_eval_batch(cfg.eval_batch_size, cfg.batch_size, micro,
                                                                 len(records), ctx.workers, ctx.device, ctx.dist.world)
+    image_bytes, free = inputs.prep.height * inputs.prep.width * 3, shared_memory.free_bytes()
+    fits = shared_memory.eval_batch_that_fits(size, image_bytes, ctx.workers, free)
+    if cfg.eval_batch_size == "auto" and fits < size:  # no bigger than the workers' batches in /dev/shm allow
+        ctx.say(shared_memory.lowered_note(size, fits, image_bytes, ctx.workers, free))
+        size = ctx.resolved["eval_batch_size"] = fits
     sampler = data.EvalBatchSampler(len(records), size, ctx.dist.rank, ctx.dist.world)
     loader = data.make_loader(data.EvalImages(records, inputs.prep, cache), sampler, inputs.prep, ctx.workers,
                               ctx.device.type == "cuda", ctx.cfg.seed)

@@ -14,6 +14,7 @@ step and goes into every checkpoint.
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass
@@ -27,16 +28,16 @@ from vitfood.config import TrainConfig
 from vitfood.distributed import all_reduce_sum, autocast, barrier, usable_cores
 from vitfood.errors import VitfoodError, first_line
 from vitfood.evaluation import EvalPasses, evaluate, improves, learning_verdict
-from vitfood.execution import (compile_decision, deterministic_algorithms, oom_retry_allowed, resolve_micro_batch,
-                               wrap_model)
+from vitfood.execution import (compile_blocker, compile_decision, deterministic_algorithms, is_compile_failure,
+                               oom_retry_allowed, resolve_micro_batch, skip_step_unless_finite, uncompile, wrap_model)
 from vitfood.fileio import atomic_write_bytes
 from vitfood.folder_lock import holds_lock_for_job, output_dir_lock
 from vitfood.model import hf_files
 from vitfood.model_card import MODEL_CARD, model_card
 from vitfood.optim import Schedule, build_optimizer
 from vitfood.preprocess import training_pixels_cap
-from vitfood.resume import (StopSignals, TrainingInterrupted, TrainState, check_resume, host_rng_state, run_facts,
-                            set_rng_state, tensor_rng_state)
+from vitfood.resume import (StopSignals, TrainingInterrupted, TrainState, check_resume, host_rng_state,
+                            load_optimizer_state, load_scaler_state, run_facts, set_rng_state, tensor_rng_state)
 from vitfood.run import Inputs, RunContext, eval_loader, load_inputs, plural, selection_note, start_run
 
 __all__ = ["train", "TrainingInterrupted"]
@@ -95,6 +96,8 @@ class Training:
     micro: int  # images per forward/backward pass (--micro-batch-size, resolved; halved on out-of-memory)
     retry_oom: bool  # whether an out-of-memory halves `micro` and redoes the step (oom_retry_allowed)
     loss_sum: torch.Tensor  # the state's loss_sum, kept on the device: no host sync per step
+    seen_sum: torch.Tensor  # the state's samples_since_log, kept on the device
+    unchecked: list[tuple[int, torch.Tensor]]  # (step, 1 if its loss or gradient was a fault) since the last check
     t_log: float  # perf_counter() at the last log line, for images/s
 
     @property
@@ -128,7 +131,11 @@ def setup(cfg: TrainConfig) -> Training:
     schedule = Schedule.for_run(len(sampler), cfg)
     optimizer = build_optimizer(inputs.model, cfg.learning_rate, cfg.weight_decay, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
-    use_compile, compile_note = compile_decision(cfg.compile, ctx.device.type, cfg.epochs * len(inputs.splits.train))
+    blocker = compile_blocker(ctx.device.type) if cfg.compile != "off" else None
+    use_compile, compile_note = compile_decision(cfg.compile, ctx.device.type, cfg.epochs * len(inputs.splits.train),
+                                                 blocker)
+    if blocker and blocker in compile_note:
+        ctx.say(f"vitfood: --compile auto: running eager, torch.compile cannot run here: {blocker}")
     ctx.resolved.update(compile="on" if use_compile else "off", compile_decision=compile_note)
     train_net, eval_net, ddp = wrap_model(inputs.model, use_compile, ctx.device, ctx.dist.world)
     micro = ctx.resolved["micro_batch_size"] = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size,
@@ -152,6 +159,7 @@ def setup(cfg: TrainConfig) -> Training:
                     steps_at_start=state.step, micro=micro,
                     retry_oom=oom_retry_allowed(ctx.device, ctx.dist.world),
                     loss_sum=torch.tensor(state.loss_sum if ctx.dist.is_main else 0.0, device=ctx.device),
+                    seen_sum=torch.tensor(state.samples_since_log, device=ctx.device), unchecked=[],
                     t_log=time.perf_counter())
 
 
@@ -193,8 +201,8 @@ def restore(ctx: RunContext, inputs: Inputs, optimizer, scaler, facts: dict) -> 
     model_state, optimizer_state, rng_state, saved = checkpoint.load_training_state(ckpt)
     check_resume(saved, facts, ctx.cfg, ctx.say, ckpt)
     inputs.model.load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)
-    scaler.load_state_dict(saved["scaler"])
+    load_optimizer_state(optimizer, optimizer_state)
+    load_scaler_state(scaler, saved["scaler"])
     set_rng_state(rng_state, saved["rng"], ctx.device)
     state = TrainState.from_dict(saved["run"])
     ctx.say(f"vitfood: resuming from {ckpt} at optimizer step {state.step}")
@@ -242,10 +250,10 @@ def train_epoch(t: Training, epoch: int, skip_steps: int) -> None:
         window.append(batch)
         if not t.schedule.closes_step(index):
             continue
-        images, window_loss = compute_gradients(t, window)
+        images, window_loss = eager_if_compile_fails(t, lambda: compute_gradients(t, window))
         window = []
-        lr, grad_norm, seen = optimizer_step(t, epoch, images, window_loss)
-        after_step(t, lr, grad_norm, seen, epoch_done=index + 1 == t.schedule.batches_per_epoch)
+        lr, grad_norm = optimizer_step(t, images, window_loss)
+        after_step(t, epoch, lr, grad_norm, epoch_done=index + 1 == t.schedule.batches_per_epoch)
 
 
 def compute_gradients(t: Training, batches: list[data.Batch]) -> tuple[int, torch.Tensor]:
@@ -275,6 +283,25 @@ def compute_gradients(t: Training, batches: list[data.Batch]) -> tuple[int, torc
         t.ctx.say(f"vitfood: out of GPU memory: computing {t.micro} images at a time from now on")
 
 
+def eager_if_compile_fails(t: Training, work):
+    """work(); when torch.compile fails in it (its first training step or evaluation compiles), --compile auto in
+    one process goes on eager, with one line, and does the work again from clean gradients; otherwise one error.
+    (Under torchrun the other ranks would be left waiting in DDP's all-reduce.)"""
+    try:
+        return work()
+    except Exception as e:
+        if not is_compile_failure(e):
+            raise
+        why = first_line(getattr(e, "inner_exception", None) or e, 200)  # what the backend raised, not dynamo's wrap
+        if t.cfg.compile != "auto" or t.ctx.dist.world > 1:
+            raise VitfoodError(f"--compile {t.cfg.compile}: torch.compile failed ({why}); pass --compile off") from None
+    uncompile(t.model)
+    t.ctx.resolved.update(compile="off", compile_decision=f"off (auto: torch.compile failed: {why})")
+    t.ctx.say(f"vitfood: --compile auto: torch.compile failed ({why}): running eager from now on")
+    t.optimizer.zero_grad(set_to_none=True)
+    return work()
+
+
 def forward_backward(t: Training, pixels: torch.Tensor, labels: torch.Tensor, sync_gradients: bool) -> torch.Tensor:
     """One pass: forward, summed loss, backward. Returns the loss, summed over the pass's images."""
     pixels = t.inputs.prep.normalize(pixels)
@@ -289,72 +316,119 @@ def forward_backward(t: Training, pixels: torch.Tensor, labels: torch.Tensor, sy
     return loss.detach()
 
 
-def optimizer_step(t: Training, epoch: int, images: int, window_loss: torch.Tensor):
-    """Mean gradient over the images seen, clipped, one AdamW step. Returns (lr, grad norm, images seen)."""
-    d, cfg = t.ctx.dist, t.cfg
+def optimizer_step(t: Training, images: int, window_loss: torch.Tensor):
+    """Mean gradient over the images seen, clipped, one AdamW step. Returns (lr, grad norm).
+
+    No host sync: whether the step is applied is decided on the device. A non-finite loss or gradient norm
+    skips the step there (no such update reaches the weights); the host learns of it at its next check
+    (`after_step`), which stops the run or counts the skip under --skip-nonfinite.
+    """
+    d, cfg, device = t.ctx.dist, t.cfg, t.ctx.device
     lr = t.schedule.lr(t.state.step)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
-    seen = int(all_reduce_sum(torch.tensor(images, device=t.ctx.device), d).item()) if d.world > 1 else images
-    grad_norm = None
-    if seen > 0:
-        t.scaler.unscale_(t.optimizer)
-        # DDP already averaged over ranks: x world / seen makes it the mean over all images. One
-        # foreach call instead of a mul_ per tensor (~200 launches per step for ViT-B on a GPU).
-        torch._foreach_mul_([p.grad for p in t.model.parameters() if p.grad is not None], d.world / seen)
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm or float("inf"))
-        # fp16's GradScaler skips inf/NaN steps itself (and lowers its scale); elsewhere a non-finite
-        # loss or gradient is a fault: stop before it reaches the weights, or skip it when allowed.
-        if t.ctx.precision != "fp16" and not torch.isfinite(grad_norm + window_loss).item():
-            skip_nonfinite_step(t, epoch)
-            seen = 0
-        else:
-            t.loss_sum += window_loss
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
+    loss_bad = ~torch.isfinite(window_loss)
+    if d.world > 1:  # one all-reduce, read on the device: the images seen, and the ranks whose loss is not finite
+        counts = all_reduce_sum(torch.stack([torch.full((), images, device=device), loss_bad.long()]), d)
+        seen, loss_bad, per_image = counts[0], counts[1] > 0, d.world / counts[0].clamp(min=1)
+    else:
+        seen, per_image = images, 1 / max(1, images)
+    t.scaler.unscale_(t.optimizer)
+    # DDP already averaged over ranks: x world / seen makes it the mean over all images. One
+    # foreach call instead of a mul_ per tensor (~200 launches per step for ViT-B on a GPU).
+    torch._foreach_mul_([p.grad for p in t.model.parameters() if p.grad is not None], per_image)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm or float("inf"))
+    grad_bad = ~torch.isfinite(grad_norm)  # the same on every rank: DDP gave them the same gradients
+    # A fault stops the run (or is skipped, under --skip-nonfinite). In fp16 a non-finite gradient with a finite
+    # loss is the loss scale's overflow: the step is skipped and the GradScaler lowers its scale, as designed.
+    fault = loss_bad if t.ctx.precision == "fp16" else loss_bad | grad_bad
+    skip_step_unless_finite(t.optimizer, loss_bad | grad_bad | (seen == 0))
+    t.scaler.update()  # fp16: lowers the scale after an overflow (from unscale_'s own record); else nothing
+    counted = ~fault  # the log's mean loss leaves out a fault's images (an fp16 overflow's loss is finite: kept)
+    t.loss_sum += torch.where(counted, window_loss, 0.0)
+    t.seen_sum += counted.long() * seen
     t.optimizer.zero_grad(set_to_none=True)
     t.state.step += 1
-    return lr, grad_norm, seen
+    t.unchecked.append((t.state.step, fault.float()))
+    return lr, grad_norm
 
 
-def skip_nonfinite_step(t: Training, epoch: int) -> None:
-    step = t.state.step + 1
+def nonfinite_step(t: Training, step: int, epoch: int) -> None:
+    """Step `step` had a non-finite loss or gradient (already skipped on the device): stop, or count the skip."""
     if t.state.nonfinite_skipped >= t.cfg.skip_nonfinite:
-        raise VitfoodError(f"non-finite loss or gradient norm at optimizer step {step} (epoch {epoch + 1}): stopped "
-                           "before that step; the saved model and checkpoints are those of earlier steps "
-                           "(--skip-nonfinite N skips up to N such steps)")
+        raise VitfoodError(f"non-finite loss or gradient norm at optimizer step {step} (epoch {epoch + 1}): stopped; "
+                           "that step changed no weight, and the saved model and checkpoints are those of earlier "
+                           "steps (--skip-nonfinite N skips up to N such steps)")
     t.state.nonfinite_skipped += 1
     t.ctx.say(f"vitfood: skipped optimizer step {step}: non-finite loss or gradient "
               f"({t.state.nonfinite_skipped} of --skip-nonfinite {t.cfg.skip_nonfinite})")
 
 
-def after_step(t: Training, lr: float, grad_norm, seen: int, epoch_done: bool) -> None:
-    """Count the step; a log line every --logging-steps; a checkpoint when asked for or signalled."""
+# The host reads what the device decided (the skipped steps, the stop signal under torchrun) every
+# HOST_CHECK_STEPS optimizer steps, and at each log line, save, epoch end and a process's first step; the steps in
+# between run without a host sync, so the CPU queues the next step while the GPU computes this one.
+# Bounds: a non-finite step stops the run at most HOST_CHECK_STEPS - 1 steps later, before anything is saved
+# (the skipped step never touched the weights); SIGTERM/SIGINT stop a single process after the step in flight
+# (the flag is on the host), a torchrun within HOST_CHECK_STEPS steps (all ranks must agree on the step).
+HOST_CHECK_STEPS = 10
+
+
+def after_step(t: Training, epoch: int, lr: float, grad_norm: torch.Tensor, epoch_done: bool) -> None:
+    """Count the step; at a check, read the device's verdicts; a log line every --logging-steps; a checkpoint
+    when asked for or signalled."""
     step = t.state.step
-    t.state.samples_since_log += seen
     t.ctx.console.advance()
-    if step == t.steps_at_start + 1:
+    first = step == t.steps_at_start + 1
+    log_due = step % t.cfg.logging_steps == 0 or step == t.schedule.total_steps
+    save_due = bool(t.cfg.save_steps) and step % t.cfg.save_steps == 0 and not epoch_done
+    signalled = False
+    if check_due(step, first or log_due or save_due or epoch_done, t.ctx.dist.world, bool(t.stop.signum)):
+        signalled = host_check(t, epoch)
+    if first:
         t.ctx.timeline.mark("first optimizer step done (with any compilation)")
-    if step % t.cfg.logging_steps == 0 or step == t.schedule.total_steps:
+    if log_due:
         log_train(t, lr, grad_norm)
     t.writer.raise_if_failed()  # a failed save stops the run now, not at the next save
-    if t.stop.requested(t.ctx.dist, t.ctx.device):
+    if signalled:
         path = save_checkpoint(t, wait=True)
-        raise TrainingInterrupted(t.stop.signum, path or t.ctx.out_dir)
-    if t.cfg.save_steps and step % t.cfg.save_steps == 0 and not epoch_done:
+        # Under torchrun a rank may stop for another's signal (the launcher normally sends every rank its own).
+        raise TrainingInterrupted(t.stop.signum or signal.SIGTERM, path or t.ctx.out_dir)
+    if save_due:
         save_checkpoint(t)  # (an epoch's last step is saved after its evaluation instead)
+
+
+def check_due(step: int, boundary: bool, world: int, signal_here: bool) -> bool:
+    """Whether optimizer step `step` reads the device's verdicts: at a boundary (a process's first step, a log
+    line, a save, an epoch's end), every HOST_CHECK_STEPS steps, and in one process once a signal came (its flag is
+    on the host; under torchrun every rank must check at the same steps, whatever signal each has seen)."""
+    return boundary or step % HOST_CHECK_STEPS == 0 or (world == 1 and signal_here)
+
+
+def host_check(t: Training, epoch: int) -> bool:
+    """The steps since the last check: a fault stops the run or is counted; returns whether a stop signal came
+    (under torchrun: to any rank, so that all stop at this step). One read of the device, one all-reduce."""
+    d, device = t.ctx.dist, t.ctx.device
+    verdicts = torch.stack([*(fault for _, fault in t.unchecked), torch.full((), float(t.stop.signum), device=device)])
+    *faults, signalled = all_reduce_sum(verdicts, d).tolist()  # faults agree across ranks: summed, still nonzero
+    for (step, _), fault in zip(t.unchecked, faults):
+        if fault:
+            nonfinite_step(t, step, epoch)
+    t.unchecked = []
+    return bool(signalled)
 
 
 def log_train(t: Training, lr: float, grad_norm) -> None:
     """One metrics record: the mean loss over the images since the last one, and the throughput."""
     state = t.state
     loss_total = all_reduce_sum(t.loss_sum.clone(), t.ctx.dist).item()
+    state.samples_since_log = int(t.seen_sum.item())
     elapsed = time.perf_counter() - t.t_log
     t.log.write({"type": "train", "step": state.step, "epoch": round(state.step / t.schedule.steps_per_epoch, 4),
                  "loss": loss_total / max(1, state.samples_since_log), "learning_rate": lr,
-                 "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                 "grad_norm": grad_norm.item(),
                  "images_per_s": round(state.samples_since_log / elapsed, 2)})
     t.loss_sum.zero_()
+    t.seen_sum.zero_()
     state.samples_since_log, t.t_log = 0, time.perf_counter()
 
 
@@ -364,8 +438,9 @@ def end_epoch(t: Training, epoch: int) -> None:
     """Evaluate; keep the best epoch by --metric-for-best-model (the first of equals, as the Trainer); checkpoint."""
     ctx, inputs, state = t.ctx, t.inputs, t.state
     started = time.perf_counter()
-    results, confusion = evaluate(t.eval_net, t.eval_loader, inputs.prep, ctx.device, ctx.precision,
-                                  inputs.splits.label_names, ctx.dist, t.bad, t.eval_passes)
+    results, confusion = eager_if_compile_fails(t, lambda: evaluate(
+        t.eval_net, t.eval_loader, inputs.prep, ctx.device, ctx.precision, inputs.splits.label_names, ctx.dist, t.bad,
+        t.eval_passes))
     ctx.resolved["eval_batch_size"] = t.eval_passes.size  # halved, if the GPU ran out of memory
     results.update(epoch=epoch + 1, step=state.step)
     t.log.write({"type": "eval", **{k: v for k, v in results.items() if k != "per_class_accuracy"},
@@ -389,6 +464,7 @@ def save_checkpoint(t: Training, best: tuple | None = None, wait: bool = False) 
     path = None
     # The log window's loss summed over all ranks (each holds its own share): on resume rank 0 carries it.
     state.loss_sum = float(all_reduce_sum(t.loss_sum.clone(), ctx.dist).item())
+    state.samples_since_log = int(t.seen_sum.item())
     if ctx.dist.is_main:
         mark_written(ctx, t.writer.wait())  # the save in flight lands first: one snapshot in memory at a time
         state.bad_images = t.bad.found
