@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's vitfood, installed or not (the GPU machine)
+from vitfood.distributed import native_bf16  # noqa: E402  (bf16 only where the GPU computes it natively)
 
 
 def load_food(data: str, backend: str, seed: int):
@@ -111,7 +115,7 @@ def main():
     if args.tuned:
         tuned = dict(dataloader_num_workers=args.workers, dataloader_pin_memory=torch.cuda.is_available(),
                      dataloader_persistent_workers=args.workers > 0, torch_compile=not args.no_compile,
-                     bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+                     bf16=torch.cuda.is_available() and native_bf16())
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         remove_unused_columns=False,

@@ -1,4 +1,4 @@
-"""Makes docs/training_curves.png and docs/confusion_matrix.png, shown in the README, from a real run.
+"""Makes docs/training_curves.png and docs/confusion_matrix.png, shown in docs/report.md, from a real run.
 
 No download: a folder of 24 classes of drawn pictures (4 shapes x 6 colours, with noise, varied sizes
 and positions), and a small ViT initialised at random and saved by transformers. The run is an

@@ -159,8 +159,10 @@ def test_checkpoints_summary(trained, tmp_path):
     save(out, 1, trained)
     size = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert checkpoint.checkpoints_summary(out) == (
-        f"1 checkpoint ({human_bytes(size)}) in {out / 'checkpoints'}: "
-        "continue training with --resume-from-checkpoint, or delete the folder to free the space")
+        f"1 checkpoint ({human_bytes(size)}) in {out / 'checkpoints'}: delete the folder to free the space, or keep "
+        "it to train longer: the same command with a higher --epochs and --resume-from-checkpoint continues from the "
+        "last step, with the learning-rate schedule recomputed for the new total (the rate, decayed to 0, goes back "
+        "up to the new schedule's value at this step and decays to 0 by the new end)")
     save(out, 2, trained)
     assert checkpoint.checkpoints_summary(out).startswith("2 checkpoints (")
 

@@ -1,10 +1,12 @@
 """train.py and infer.py end to end, as new processes, the way a user runs them."""
 
 import json
+import shlex
+import signal
 
 import pytest
 
-from helpers import make_image_folder, run
+from helpers import ROOT, make_image_folder, run
 from test_data import awkward_images
 
 
@@ -96,7 +98,95 @@ def test_infer_without_a_trained_model(tmp_path, backbone_dir):
     r = run("infer.py", "x.jpg", "--model", backbone_dir)
     assert r.returncode == 2 and "no trained classifier head" in r.stderr and "Traceback" not in r.stderr
     r = run("infer.py", "x.jpg", cwd=tmp_path)  # default --model: ./vitfood-output, not trained yet
-    assert r.returncode == 2 and "vitfood-output" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    # Not trained yet: said so, with where it looked and the two ways on; no Hub, no prepare.py.
+    assert r.stderr.startswith(f"infer.py: error: no trained model in ./vitfood-output ({tmp_path / 'vitfood-output'})")
+    assert "train one first with `python train.py " in r.stderr and "or pass --model" in r.stderr
+    assert "cannot be reached" not in r.stderr and "prepare.py" not in r.stderr
+
+
+# A path that cannot be a Hub id (./, ~, a trailing slash, two slashes, a space) is never sent to the Hub.
+@pytest.mark.parametrize("model, dataset", [("./models/nope", "data/nope/"), ("~/no-such-vit", "a/b/c")])
+def test_a_missing_local_path_is_named_first_and_never_gets_hub_advice(tmp_path, model, dataset):
+    from pathlib import Path
+
+    r = run("train.py", "--model", model, "--dataset", dataset, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    where = {name: Path(name).expanduser() if name.startswith("~") else tmp_path / name for name in (model, dataset)}
+    assert r.stderr == (f"train.py: error: --model {model!r}: no such local folder ({str(where[model]).rstrip('/')}); "
+                        f"--dataset {dataset!r}: no such local folder ({str(where[dataset]).rstrip('/')})\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train.py", "--epochs", "1.5"],  # argparse's own errors: once a 16-line usage block
+    ["train.py", "--no-such-flag"],
+    ["train.py", "--precision", "fp8"],
+    ["train.py", "--epochs", "0"],  # the configuration's own checks
+    ["infer.py"],
+    ["infer.py", "x.jpg", "--top-k", "0"],
+    ["prepare.py", "--max-samples", "1.5"],
+])
+def test_every_flag_error_is_one_line_and_exit_2(argv, tmp_path):
+    r = run(*argv, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"{argv[0]}: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "usage:" not in r.stderr
+
+
+def test_resume_command_is_the_typed_command_plus_the_flag():
+    from vitfood.cli import resume_command
+    from vitfood.config import parse_config
+
+    argv = ["--dataset", "my photos", "--epochs", "3", "--resume-from-checkpoint", "o/checkpoints/step-2", "--seed=1"]
+    line = resume_command(argv, argv0="../vitfood/train.py")
+    assert line == "python ../vitfood/train.py --dataset 'my photos' --epochs 3 --seed=1 --resume-from-checkpoint"
+    cfg = parse_config(shlex.split(line)[2:])  # what the shell hands train.py is what it had, resuming the newest
+    assert (cfg.dataset, cfg.seed, cfg.resume_from_checkpoint) == ("my photos", 1, "latest")
+    for given in (["--resume-from-checkpoint"], ["--resume-from-checkpoint=x"], ["--resume", "x"]):
+        assert resume_command(["--epochs", "2", *given], argv0="train.py") == \
+            "python train.py --epochs 2 --resume-from-checkpoint"
+    assert resume_command(["--resume", "--epochs", "2"], argv0="/venv/bin/vitfood-train") == \
+        "vitfood-train --epochs 2 --resume-from-checkpoint"
+
+
+def test_the_interrupt_line_prints_the_command_to_resume(tmp_path, monkeypatch, capsys):
+    from vitfood import cli, train_loop
+    from vitfood.resume import TrainingInterrupted
+
+    def stopped(cfg):
+        raise TrainingInterrupted(signal.SIGINT, tmp_path / "out" / "checkpoints" / "step-00000007")
+
+    monkeypatch.setattr(train_loop, "train", stopped)
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    argv = ["--model", str(tmp_path), "--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+            "--learning-rate", "1e-3"]
+    assert cli.train_main(argv) == 130
+    line = capsys.readouterr().err
+    assert line == (f"train.py: stopped by SIGINT after saving {tmp_path}/out/checkpoints/step-00000007; to continue "
+                    f"exactly where it stopped, run: python train.py {shlex.join(argv)} --resume-from-checkpoint\n")
+
+
+def test_raising_epochs_on_resume_recomputes_the_schedule_as_the_end_of_run_line_says():
+    from types import SimpleNamespace
+
+    from vitfood.optim import Schedule
+
+    def schedule(epochs):
+        return Schedule.for_run(10, SimpleNamespace(epochs=epochs, grad_accum_steps=1, warmup_ratio=0.1,
+                                                    learning_rate=1e-3))
+
+    done, longer = schedule(3), schedule(6)
+    assert done.lr(done.total_steps) == 0  # the finished run's rate had decayed to 0
+    # Resumed at that step with twice the epochs: back up to the longer run's value there, then down to 0 at its end.
+    assert longer.warmup_steps == 6 and longer.lr(done.total_steps) == pytest.approx(1e-3 * 30 / 54)
+    assert longer.lr(longer.total_steps) == 0
+
+
+def test_infer_help_lists_only_what_it_accepts():
+    r = run("infer.py", "--help")
+    assert r.returncode == 0
+    assert "(default: False)" not in r.stdout and "fp16" not in r.stdout
+    assert "--precision {auto,bf16,fp32}" in r.stdout and "examples:" in r.stdout
 
 
 def test_offline_hub_paths_fail_with_one_line(backbone_dir, image_folder, tmp_path):

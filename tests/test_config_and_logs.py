@@ -100,7 +100,8 @@ def test_a_run_that_learns_nothing_says_so(backbone_dir, tmp_path):
     assert "\r" not in r.stderr and "ETA" not in r.stderr.splitlines()[-1]
     assert re.search(r"\[step \d+/\d+ \(\d+%\), [\d.]+ steps/s", r.stderr)
     assert "3 classes; 1 epoch x 3 optimizer steps of 8 x 1" in r.stderr
-    assert "1 checkpoint (" in r.stderr and "--resume-from-checkpoint, or delete the folder" in r.stderr
+    assert "1 checkpoint (" in r.stderr and "delete the folder to free the space, or keep it to train longer: the " \
+        "same command with a higher --epochs and --resume-from-checkpoint" in r.stderr
     # run.json's timeline: where the whole process's time went, in order, from the process's start.
     record = json.loads((out / "run.json").read_text())
     events = [e["event"] for e in record["timeline"]]

@@ -110,7 +110,7 @@ def test_dataset_errors_name_the_flag(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(VitfoodError, match="a file"):
         load_splits(str(tmp_path / "f.txt"), "train", None, 0, 0, 0.2, 0)
-    with pytest.raises(VitfoodError, match="no such folder"):
+    with pytest.raises(VitfoodError, match="no such local folder"):
         load_splits(str(tmp_path / "nope"), "train", None, 0, 0, 0.2, 0)
 
 

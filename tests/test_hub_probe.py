@@ -145,7 +145,10 @@ def error_of(*args, **kwargs) -> str:
 def test_check_sources_names_every_missing_piece_and_the_prepare_command(cache):
     msg = error_of("google/vit-base-patch16-224-in21k", "ethz/food101")
     assert "Hub cannot be reached" in msg
-    assert "--model 'google/vit-base-patch16-224-in21k' and --dataset 'ethz/food101'" in msg
+    # The defaults: Hub ids the user did not type, so no word about a local folder.
+    assert msg.startswith("--model 'google/vit-base-patch16-224-in21k' (the default); --dataset 'ethz/food101' "
+                          "(the default); as Hub ids, the local cache lacks both")
+    assert "no such local folder" not in msg
     assert "run `python prepare.py` on a machine that reaches the Hub" in msg  # the defaults need no flags
     assert "pass --model PATH --dataset PATH" in msg
     msg = error_of("alice/vit-tiny", "bob/shapes", splits=("train", "validation"))
@@ -155,12 +158,16 @@ def test_check_sources_names_every_missing_piece_and_the_prepare_command(cache):
 def test_check_sources_names_only_what_the_cache_lacks(cache, tmp_path, monkeypatch):
     add_to_cache(cache, "model", "alice/vit-tiny", {"config.json": b"{}", "model.safetensors": b"weights"})
     msg = error_of("alice/vit-tiny", "bob/shapes")
-    assert "--model alice" not in msg and "cache lacks --dataset 'bob/shapes':" in msg
+    assert "--model" not in msg.split("prepare.py")[0]
+    assert msg.startswith(f"--dataset 'bob/shapes': no such local folder ({Path.cwd() / 'bob/shapes'}); as a Hub id, "
+                          "the local cache lacks it, and the Hugging Face Hub cannot be reached")
     assert "`python prepare.py --skip-model --dataset bob/shapes`" in msg and "pass --dataset PATH as" in msg
 
     add_to_cache(cache, "dataset", "bob/shapes", {"data/train-00000-of-00001.parquet": tiny_parquet(tmp_path / "t.parquet")})
     msg = error_of("alice/other", "bob/shapes", splits=("train", "validation"))
-    assert "--model 'alice/other' and --dataset 'bob/shapes' (split validation)" in msg
+    assert msg.startswith(f"--model 'alice/other': no such local folder ({Path.cwd() / 'alice/other'}); --dataset "
+                          f"'bob/shapes': no such local folder ({Path.cwd() / 'bob/shapes'}); as Hub ids, the local "
+                          "cache lacks both (the dataset's split validation), and")
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: pytest.fail("probed the network"))
     hub.check_sources("alice/vit-tiny", "bob/shapes", splits=("train", None))  # all cached: no probe either
@@ -173,7 +180,8 @@ def test_check_sources_lets_a_reachable_hub_download(cache, monkeypatch):
 
 def test_check_sources_with_a_local_folder_and_a_bare_name(cache, tmp_path):
     msg = error_of(str(tmp_path), "food")
-    assert "--model" not in msg and "--dataset 'food' (no folder 'food' here either)" in msg
+    assert "--model" not in msg.split("prepare.py")[0]
+    assert msg.startswith(f"--dataset 'food': no such local folder ({Path.cwd() / 'food'}); as a Hub id")
     assert "`python prepare.py --skip-model --dataset food`" in msg
 
 
@@ -193,6 +201,34 @@ def test_one_missing_piece_names_the_prepare_command_too(cache):
     assert "pass a local folder with --dataset PATH (`python prepare.py --skip-model --dataset bob/shapes`" in str(e.value)
 
 
+def test_a_name_that_is_no_folder_says_so_before_the_hub(cache, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with pytest.raises(VitfoodError) as e:
+        hub.resolve_model_dir("models/nope")  # offline, not cached
+    assert str(e.value).startswith(f"--model 'models/nope': no such local folder ({Path.cwd() / 'models/nope'}); "
+                                   "as a Hub id, it is not in the local Hugging Face cache and the Hub cannot be reached")
+    with pytest.raises(VitfoodError) as e:
+        hub.resolve_model_dir("models/nope/")  # a trailing slash: only a path can have one
+    assert str(e.value) == (f"--model 'models/nope/': no such local folder ({Path.cwd() / 'models/nope'}), and as a "
+                            "path it cannot be a Hub model id")
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+
+    def not_there(*args, **kwargs):
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as the client raises it for a 404
+        Exception.__init__(error, "404 Client Error")
+        raise error
+
+    monkeypatch.setattr(hub, "_download_model_files", not_there)
+    with pytest.raises(VitfoodError) as e:
+        hub.download_model("models/nope")
+    assert str(e.value) == (f"--model 'models/nope': no such local folder ({Path.cwd() / 'models/nope'}); as a Hub id, "
+                            "the Hugging Face Hub has no such model repository (or it is private)")
+    with pytest.raises(VitfoodError) as e:
+        hub.download_model("models/nope", local_dir=Path("x"))  # prepare.py only downloads: no word of a folder
+    assert str(e.value).startswith("--model 'models/nope': the Hugging Face Hub has no such model repository")
+
+
 def test_train_offline_names_model_and_dataset_in_one_line(tmp_path):
     home = tmp_path / "hf-home"
     home.mkdir()
@@ -201,5 +237,9 @@ def test_train_offline_names_model_and_dataset_in_one_line(tmp_path):
                                          "HF_DATASETS_CACHE": str(home / "datasets")}, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert "--model 'alice/vit-not-cached'" in lines[0] and "--dataset 'bob/not-cached'" in lines[0]
+    # A mistyped local folder is the likelier slip: that comes first, with the absolute path looked at; then the Hub.
+    assert lines[0].startswith(f"train.py: error: --model 'alice/vit-not-cached': no such local folder "
+                               f"({ROOT / 'alice/vit-not-cached'}); --dataset 'bob/not-cached': no such local folder "
+                               f"({ROOT / 'bob/not-cached'}); as Hub ids, the local cache lacks both, and the Hugging "
+                               "Face Hub cannot be reached")
     assert "python prepare.py --model alice/vit-not-cached --dataset bob/not-cached" in lines[0]

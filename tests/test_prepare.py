@@ -191,9 +191,9 @@ def test_help_flags_and_the_command_hints(tmp_path):
     assert r.returncode == 2 and "nothing to prepare" in r.stderr
     r = run("prepare.py", "--model", "./my-model", timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "--model ./my-model: a local path, not a Hub id" in r.stderr
-    assert prepare.prepare_command(model=MODEL_ID, dataset=DATASET_ID) == "python prepare.py"
-    assert prepare.prepare_command(model="a/b") == "python prepare.py --model a/b --skip-dataset"
-    assert prepare.prepare_command(dataset=DATASET_ID, split="test") == "python prepare.py --skip-model --split test"
+    assert hub.prepare_command(model=MODEL_ID, dataset=DATASET_ID) == "python prepare.py"
+    assert hub.prepare_command(model="a/b") == "python prepare.py --model a/b --skip-dataset"
+    assert hub.prepare_command(dataset=DATASET_ID, split="test") == "python prepare.py --skip-model --split test"
 
 
 def test_a_copied_hf_cache_serves_the_hub_ids_offline(repos, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -70,7 +71,10 @@ def stop_with_sigterm(args, out):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in err and "--resume-from-checkpoint" in err and "Traceback" not in err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    # The exact command that resumes, quoted for the shell: the one typed, plus --resume-from-checkpoint.
+    command = shlex.join(["python", str(ROOT / "train.py"), *map(str, args), "--resume-from-checkpoint"])
+    assert f"to continue exactly where it stopped, run: {command}\n" in err
     assert 2 <= int(last_checkpoint(out).name[5:]) < 6
 
 

@@ -179,7 +179,7 @@ def test_output_folder_is_checked_before_training(backbone_dir, image_folder, tm
     (tmp_path / "file").write_text("x")
     with pytest.raises(VitfoodError, match="cannot write there|not a folder"):
         train(config(backbone_dir, image_folder, tmp_path / "file" / "sub"))
-    with pytest.raises(VitfoodError, match="no such folder"):  # a failed setup leaves no folder behind
+    with pytest.raises(VitfoodError, match="no such local folder"):  # a failed setup leaves no folder behind
         train(config(backbone_dir, tmp_path / "no-such-images", tmp_path / "fresh" / "out"))
     assert not (tmp_path / "fresh").exists()
 

@@ -293,5 +293,9 @@ def checkpoints_summary(out_dir: Path) -> str | None:
     # The whole folder, leftovers of interrupted saves included: that is what deleting it frees.
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
     n = len(ckpts)
-    return (f"{n} checkpoint{'' if n == 1 else 's'} ({human_bytes(size)}) in {root}: continue training with "
-            "--resume-from-checkpoint, or delete the folder to free the space")
+    # Resuming a finished run with the same flags does nothing: say what would do something (optim.Schedule is
+    # built from --epochs, so the warmup and the decay are recomputed for the new total).
+    return (f"{n} checkpoint{'' if n == 1 else 's'} ({human_bytes(size)}) in {root}: delete the folder to free the "
+            "space, or keep it to train longer: the same command with a higher --epochs and --resume-from-checkpoint "
+            "continues from the last step, with the learning-rate schedule recomputed for the new total (the rate, "
+            "decayed to 0, goes back up to the new schedule's value at this step and decays to 0 by the new end)")

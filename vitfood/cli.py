@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
-from vitfood.errors import VitfoodError, first_line
+from vitfood.errors import EXIT_USAGE, OneLineParser, VitfoodError, command_name, first_line
 
 
 def exit_now(code: int) -> None:
@@ -36,20 +37,22 @@ def infer_command() -> None:
     exit_now(infer_main())
 
 
-def _prog(script: str) -> str:
-    """The command's name in its messages: train.py / infer.py, or vitfood-train / vitfood-infer."""
-    name = os.path.basename(sys.argv[0] or "")
-    return name if name.startswith("vitfood-") else script
+_prog = command_name  # the command's name in its messages: train.py, or vitfood-train as a console script
 
-
-EXIT_USAGE = 2  # bad flags, an unusable model, dataset or output folder
 EXIT_BAD_INPUT = 1  # infer.py: some images could not be classified (the others were)
 
 
 def train_main(argv: list[str] | None = None) -> int:
     from vitfood.config import parse_config
+    from vitfood.hub import check_local_paths
 
     cfg = parse_config(argv)
+    try:  # the values, and local folders that are not there, said at once: before torch is even imported
+        cfg.validate()
+        check_local_paths(cfg.model, cfg.dataset)
+    except VitfoodError as e:
+        print(f"{_prog('train.py')}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     from vitfood.distributed import shutdown_distributed
     from vitfood.resume import TrainingInterrupted
     from vitfood.run import evaluate_only
@@ -67,39 +70,79 @@ def train_main(argv: list[str] | None = None) -> int:
               "--micro-batch-size, --batch-size or --eval-batch-size", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as e:
-        print(f"{_prog('train.py')}: {e} after saving {e.checkpoint_dir}; to continue exactly where it stopped, run the "
-              f"same command with --resume-from-checkpoint", file=sys.stderr)
+        print(f"{_prog('train.py')}: {e} after saving {e.checkpoint_dir}; to continue exactly where it stopped, run: "
+              f"{resume_command(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     finally:
         shutdown_distributed()
     return 0
 
 
+_RESUME_FLAG = "--resume-from-checkpoint"
+
+
+def resume_command(argv: list[str], argv0: str | None = None) -> str:
+    """The command line that continues an interrupted run, quoted for the shell: the command as it was typed
+    (`python train.py` or `python path/to/train.py`; `vitfood-train`), its flags with any --resume-from-checkpoint
+    (and its PATH) taken out, and a bare --resume-from-checkpoint added: the newest checkpoint in --output-dir,
+    which is the one this run just saved. Under torchrun only the part after torchrun's own options is known."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    name = os.path.basename(argv0)
+    if name.startswith("vitfood-"):
+        head = [name]  # a console script: found on the PATH, as it was typed
+    else:
+        head = ["python", argv0 if name == "train.py" else "train.py"]
+    kept, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        flag = word.split("=", 1)[0]
+        # argparse accepts any unambiguous prefix (--res is the shortest); the PATH, when given, is the next word.
+        if len(flag) >= len("--res") and _RESUME_FLAG.startswith(flag):
+            if "=" not in word and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+        else:
+            kept.append(word)
+        i += 1
+    line = shlex.join(head + kept + [_RESUME_FLAG])
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # under torchrun: its options are not in our argv
+        line = "torchrun [the same torchrun options] " + shlex.join(head[1:] + kept + [_RESUME_FLAG])
+    return line
+
+
 SUMMARY_MIN_IMAGES = 20  # infer.py prints its summary line from this many inputs on
 PROGRESS_MIN_IMAGES = 50  # and shows a progress bar above this many, when stderr is a terminal
 
 
-def infer_main(argv: list[str] | None = None) -> int:
-    from vitfood.paths import DEFAULT_OUTPUT_DIR  # not vitfood.inference: --help and flag errors need no torch
+def infer_parser() -> argparse.ArgumentParser:
+    """infer.py's command line. Imports no torch: --help and flag errors are instant."""
+    from vitfood.config import HelpWithDefaults
+    from vitfood.paths import DEFAULT_OUTPUT_DIR
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog=_prog("infer.py"),
         description="Classify images with a model saved by train.py.",
-        epilog="Each IMAGE may be an image file, a folder (searched recursively; hidden files skipped), a glob "
-               "pattern, quoted or not ('photos/**/*.jpg'), or an http(s) URL. Results come in argument order. "
-               "An input that cannot be classified is one 'infer.py: error:' line on stderr and exit status 1; "
-               "the others are still classified.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Each IMAGE may be an image file, a folder (searched recursively; hidden files skipped), a glob\n"
+               "pattern, quoted or not ('photos/**/*.jpg'), or an http(s) URL. Results come in argument order.\n"
+               "An input that cannot be classified is one 'infer.py: error:' line on stderr and exit status 1;\n"
+               "the others are still classified.\n\n"
+               "examples:\n"
+               "  python infer.py photo.jpg                          top-5 labels from ./vitfood-output\n"
+               "  python infer.py --model ./my_model photos/ --top-k 3\n"
+               "  python infer.py photos/ --json > labels.jsonl      one JSON object per image\n",
+        formatter_class=HelpWithDefaults)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns or URLs")
-    parser.add_argument("--model", default=DEFAULT_OUTPUT_DIR, help="folder written by train.py, or a Hub model id")
-    parser.add_argument("--top-k", type=int, default=5, help="labels shown per image")
+    parser.add_argument("--model", default=DEFAULT_OUTPUT_DIR, metavar="DIR|HUB_ID",
+                        help="folder written by train.py, or a Hub model id")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="labels shown per image")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help='one JSON object per line: {"image", "predictions"}')
     fmt.add_argument("--csv", action="store_true",
                      help="CSV with the header image,rank,label,score: one row per prediction, rank 1 the best")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on a CUDA GPU that supports it, fp16 on older GPUs, fp32 on the CPU")
+                        help="auto: half-precision autocast on a CUDA GPU (bf16 where the GPU supports it), fp32 "
+                             "on the CPU")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="give up on a URL after this long (connecting, waiting for data, or downloading)")
     parser.add_argument("--decoder", choices=("auto", "gpu", "cpu"), default="auto",
@@ -109,6 +152,13 @@ def infer_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model's blocks (one compilation serves all of them): some seconds "
                              "up front, then faster batches on a GPU (for large folders)")
+    return parser
+
+
+def infer_main(argv: list[str] | None = None) -> int:
+    from vitfood.paths import DEFAULT_OUTPUT_DIR  # not vitfood.inference: --help and flag errors need no torch
+
+    parser = infer_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
@@ -116,6 +166,11 @@ def infer_main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     if not 0 < args.timeout < float("inf"):
         parser.error("--timeout must be a number of seconds, more than 0")
+    if os.path.normpath(args.model) == DEFAULT_OUTPUT_DIR and not os.path.exists(args.model):
+        from vitfood.hub import no_trained_model  # before torch is imported: not trained yet is said at once
+
+        print(f"{_prog('infer.py')}: error: {no_trained_model()}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return _infer(args)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import get_type_hints
 
-from vitfood.errors import VitfoodError
+from vitfood.errors import OneLineParser, VitfoodError, command_name
 from vitfood.paths import DEFAULT_OUTPUT_DIR
 
 MATCH, WARN, FREE = "match", "warn", "free"
@@ -227,8 +227,9 @@ def is_hyperparameter(name: str) -> bool:
     return meta[name]["card"] if name in meta else name in RUN_FACTS_ON_THE_CARD
 
 
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default shown, except None and the False of an off-by-default switch (its flag says it all)."""
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, except None and the False of an off-by-default switch (its flag says it all); the
+    description and the examples after the flags as written, line by line."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -236,12 +237,30 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
+TRAIN_EXAMPLES = """\
+examples:
+  python train.py --epochs 3
+      the guide's job: google/vit-base-patch16-224-in21k on 5,000 Food-101 images (needs the Hub)
+  python train.py --dataset ./my_photos --epochs 10 --grad-accum-steps 1
+      your own photos: a folder with one subfolder per class (the folder names are the labels)
+  python train.py --model ./vit-small --dataset ./my_photos --epochs 30 --learning-rate 1e-3
+      a small or randomly initialised ViT from a local folder: a higher rate, many more epochs
+  python train.py --dataset ./my_photos --epochs 10 --grad-accum-steps 1 --resume-from-checkpoint
+      the same command plus --resume-from-checkpoint continues a stopped run exactly (with a
+      higher --epochs, a finished one: the learning-rate schedule is recomputed for the new total)
+  python train.py --eval-only --model ./vitfood-output --dataset ./other_photos --output-dir ./report
+      evaluate a trained model on other images, without training
+"""
+
+
+def build_parser(cls=TrainConfig, description: str = "", epilog: str | None = None,
+                 prog: str | None = None) -> argparse.ArgumentParser:
     """One flag per dataclass field: `--name-with-dashes`, type and default from the field.
 
-    A switch that is off by default is only `--switch`; one that is on also has `--no-switch`.
+    A switch that is off by default is only `--switch`; one that is on also has `--no-switch`. A bad flag or
+    value is one line and exit status 2 (OneLineParser).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpWithDefaults)
+    parser = OneLineParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpWithDefaults)
     groups: dict[str, argparse._ArgumentGroup] = {}
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -266,6 +285,11 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
     return parser
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """train.py's command line, with examples after the flags."""
+    return build_parser(description="Fine-tune a pretrained ViT for image classification.", epilog=TRAIN_EXAMPLES,
+                        prog=command_name("train.py"))
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser(description="Fine-tune a pretrained ViT for image classification.").parse_args(argv)
-    return TrainConfig(**vars(args))
+    return TrainConfig(**vars(train_parser().parse_args(argv)))

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitfood import shared_memory
 from vitfood.errors import VitfoodError
-from vitfood.hub import looks_like_hub_id
+from vitfood.hub import looks_like_hub_id, no_local_folder
 from vitfood.image_cache import ImageCache
 from vitfood.paths import extensions_text, images_under, is_image_name
 from vitfood.preprocess import (BadImageError, Preprocessing, decode_for_training, load_rgb, open_image,
@@ -216,7 +216,7 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
         raise VitfoodError(f"--dataset {dataset}: a file, expected a folder or a Hub dataset id")
     else:
         if not path.exists() and not looks_like_hub_id(dataset):  # a path that is not there
-            raise VitfoodError(f"--dataset {dataset}: no such folder")
+            raise VitfoodError(f"{no_local_folder('--dataset', dataset)}, and as a path it cannot be a Hub dataset id")
         ds = load_arrow_split(dataset, train_split, max_train_samples)
         available = len(ds) if path.is_dir() or not max_train_samples else None
         if max_train_samples and max_train_samples < len(ds):

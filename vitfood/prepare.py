@@ -16,30 +16,16 @@ from pathlib import Path
 
 from vitfood import hub
 from vitfood.config import GUIDE_TRAIN_SAMPLES, TrainConfig
-from vitfood.errors import VitfoodError, first_line
+from vitfood.errors import EXIT_USAGE, OneLineParser, VitfoodError, command_name, first_line
 
 DEFAULT_OUTPUT_DIR = "vitfood-offline"
 MODEL_DIR, DATASET_DIR = "model", "dataset"
 _PARTIAL = "-partial-"
 
 
-def prepare_command(model: str | None = None, dataset: str | None = None, split: str = "train",
-                    eval_split: str | None = None) -> str:
-    """The prepare.py line that fetches `model` and `dataset` (None: not wanted), with flags only where
-    they differ from its defaults."""
-    words = ["python", "prepare.py"]
-    for flag, name, default in (("--model", model, TrainConfig.model), ("--dataset", dataset, TrainConfig.dataset)):
-        if name is None:
-            words.append("--skip-" + flag[2:])
-        elif name != default:
-            words += [flag, name]
-    if dataset is not None:
-        words += (["--split", split] if split != "train" else []) + (["--eval-split", eval_split] if eval_split else [])
-    return shlex.join(words)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog=command_name("prepare.py"),
         description="Download a pretrained ViT and a dataset from the Hugging Face Hub into plain folders, check "
                     "that they load, and print the train.py command that uses them without the Hub. Copy the "
                     "output folder to a machine without the Hub and run that command there.")
@@ -64,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitfood.cli import EXIT_USAGE, _prog
-
     parser = build_parser()
+    prog = parser.prog
     args = parser.parse_args(argv)
     if args.skip_model and args.skip_dataset:
         parser.error("--skip-model and --skip-dataset: nothing to prepare")
@@ -75,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_split == args.split:
         parser.error("--eval-split must differ from --split")
     try:
-        print(_prepare(args, _prog("prepare.py")), flush=True)
+        print(_prepare(args, prog), flush=True)
     except VitfoodError as e:
-        print(f"{_prog('prepare.py')}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # the output folder: not writable, a full disk (a partial folder is never left)
-        print(f"{_prog('prepare.py')}: error: --output-dir {args.output_dir}: {e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: --output-dir {args.output_dir}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{_prog('prepare.py')}: interrupted; nothing half-written was left in {args.output_dir}", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing half-written was left in {args.output_dir}", file=sys.stderr)
         return 130
     return 0
 
