@@ -224,18 +224,23 @@ def test_the_background_writer_runs_one_save_at_a_time_in_order():
     assert writer.wait() is None  # nothing handed over yet
     log, in_flight = [], threading.Semaphore(1)
 
-    def job(name, seconds):
+    checked = threading.Event()  # the second save may start at once: it waits until the first's log is read
+
+    def job(name, seconds, after=None):
         def run_job():
             assert in_flight.acquire(blocking=False), "two saves at once"
             time.sleep(seconds)
+            if after is not None:
+                assert after.wait(10)
             log.append((name, threading.current_thread().name))
             in_flight.release()
         return run_job
 
     writer.submit("first", [job("a", 0.2), job("b", 0)])
     assert log == []  # handed over: the caller goes on while it writes
-    writer.submit("second", [job("c", 0)])  # waits for the first to land
+    writer.submit("second", [job("c", 0, after=checked)])  # waits for the first to land
     assert [name for name, _ in log] == ["a", "b"]
+    checked.set()
     what, seconds = writer.wait()
     assert what == "second" and seconds >= 0
     assert [name for name, _ in log] == ["a", "b", "c"]

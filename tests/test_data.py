@@ -124,6 +124,8 @@ def test_save_to_disk_dataset(tmp_path, image_folder):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
     s = load_splits(str(tmp_path / "saved"), "train", None, 40, 0, 0.25, seed=0)
     assert s.label_names == names and (len(s.train), len(s.eval)) == (30, 10)
+    # ClassLabel known: the held-out 10 are stratified, a quarter of each class among the first 40 rows (24, 16, 0).
+    assert np.bincount(s.eval.labels, minlength=3).tolist() == [6, 4, 0]
     assert load_rgb(s.train.source(0)).mode == "RGB"
 
 

@@ -24,6 +24,8 @@ MATCH, WARN, FREE = "match", "warn", "free"
 
 GUIDE_DATASET = "ethz/food101"
 GUIDE_TRAIN_SAMPLES = 5000  # the guide's `split="train[:5000]"`
+# --metric-for-best-model: each metric and whether a higher value is better (the Trainer's greater_is_better).
+BEST_MODEL_METRICS = {"accuracy": True, "loss": False, "top5_accuracy": True}
 
 
 def _opt(default, help: str, group: str, *, resume: str, card: bool, **extra):
@@ -40,7 +42,11 @@ class TrainConfig:
     eval_split: str | None = _opt(None, "evaluate on this split of the dataset (e.g. 'validation') "
                                   "instead of holding out --test-size of the training images", "data",
                                   resume=MATCH, card=True)
-    max_train_samples: int | None = _opt(None, "use this many training images; 0 = all. Default: the guide's "
+    # The guide's meaning: N images of --train-split, and --test-size of them then held out (5000 -> 4000 + 1000).
+    max_train_samples: int | None = _opt(None, "take this many images of --train-split; 0 = all. Without "
+                                         "--eval-split, --test-size of them are then held out for evaluation, as "
+                                         f"in the guide ({GUIDE_TRAIN_SAMPLES} -> 4000 training + 1000 evaluation "
+                                         "images; 3 -> 2 + 1). Default: the guide's "
                                          f"{GUIDE_TRAIN_SAMPLES} (train[:{GUIDE_TRAIN_SAMPLES}]) for {GUIDE_DATASET}, "
                                          "every image of any other dataset. Hub and save_to_disk datasets take the "
                                          "first N rows, folders a seeded random N", "data", resume=MATCH, card=True)
@@ -65,8 +71,9 @@ class TrainConfig:
                              "training several epochs in one process and the cache fits in half the free disk",
                              "data", resume=FREE, card=False, choices=("auto", "on", "off"))
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of images is unreadable "
-                                   "(they are skipped and listed in bad_images.txt up to then)", "data",
-                                   resume=WARN, card=False)
+                                   "(they are skipped and listed in bad_images.txt up to then); every image's "
+                                   "header is opened before training, so most are found before the first step",
+                                   "data", resume=WARN, card=False)
 
     # ---- model
     model: str = _opt("google/vit-base-patch16-224-in21k", "pretrained model to fine-tune: Hub id or local checkpoint "
@@ -113,6 +120,12 @@ class TrainConfig:
                                 resume=WARN, card=True)
     precision: str = _opt("auto", "auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU",
                           "optimisation", resume=WARN, card=True, choices=("auto", "bf16", "fp16", "fp32"))
+    # WARN: the epochs chosen before a change were chosen by the other metric; the run goes on with the new one.
+    metric_for_best_model: str = _opt("accuracy", "which evaluation chooses the model saved at the top of "
+                                      "--output-dir: the epoch with the highest accuracy or top5_accuracy, or the "
+                                      "lowest loss (the Trainer's eval_accuracy, eval_loss, eval_top5_accuracy are "
+                                      "accepted too). A tie keeps the earlier epoch, as the Trainer",
+                                      "optimisation", resume=WARN, card=True, metavar="accuracy|loss|top5_accuracy")
     seed: int = _opt(42, "seed for the split, the head, the data order and the augmentations", "optimisation",
                      resume=MATCH, card=True)
     device: str = _opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "optimisation",
@@ -158,6 +171,7 @@ class TrainConfig:
         self.eval_batch_size = str(self.eval_batch_size)
         if isinstance(self.compile, bool):  # compile=True from Python, as the flag once was
             self.compile = "on" if self.compile else "off"
+        self.metric_for_best_model = str(self.metric_for_best_model).removeprefix("eval_")  # the Trainer's names
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):  # argparse checks choices; TrainConfig(...) from Python must too
@@ -192,6 +206,9 @@ class TrainConfig:
             if value != "auto" and not (value.isdigit() and int(value) > 0):
                 raise VitfoodError(f"--{name.replace('_', '-')} must be auto or a whole number of images, at least 1, "
                                    f"got {value!r}")
+        if self.metric_for_best_model not in BEST_MODEL_METRICS:
+            raise VitfoodError(f"--metric-for-best-model must be one of {', '.join(BEST_MODEL_METRICS)} (or the "
+                               f"Trainer's eval_ names), got {self.metric_for_best_model!r}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise VitfoodError(f"--crop-scale {low:g} {high:g}: needs 0 < MIN <= MAX <= 1")

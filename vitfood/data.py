@@ -14,7 +14,8 @@ Design, driven by exact resumption and many processes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from vitfood import shared_memory
 from vitfood.errors import VitfoodError
 from vitfood.hub import looks_like_hub_id, no_local_folder
 from vitfood.image_cache import ImageCache
-from vitfood.paths import extensions_text, images_under
+from vitfood.paths import extensions_text, images_under, is_image_name
 from vitfood.preprocess import (BadImageError, Preprocessing, decode_for_training, load_rgb, open_image,
                                  random_crop_resize, training_pixels_cap)
 
@@ -123,6 +124,11 @@ def _arrow_records(ds, source: str) -> ArrowRecords:
         names = list(feature.names)
     else:
         names = [str(v) for v in range(int(max(ds[label_col])) + 1)]
+    labels = np.asarray(ds[label_col])
+    unlabelled = int(((labels < 0) | (labels >= len(names))).sum()) if len(labels) else 0
+    if unlabelled:  # ClassLabel's -1 for a missing label: the split and the loss need a class
+        raise VitfoodError(f"{source}: {unlabelled} rows have no label in 0..{len(names) - 1} (e.g. -1, a missing "
+                           f"label); remove them from the dataset first")
     ds = ds.cast_column(image_cols[0], ImageFeature(decode=False)).select_columns([image_cols[0], label_col])
     return ArrowRecords(ds, image_cols[0], label_col, names)
 
@@ -174,13 +180,20 @@ class Splits:
     eval: Records
     label_names: list[str]
     available: int | None  # training images before --max-train-samples; None: only part of a Hub split was fetched
+    warnings: list[str] = field(default_factory=list)  # lines for the run to print: small classes, loose images
+    rule: str = "stratified"  # how --test-size was held out (STRATIFIED or RANDOM), recorded for resumption
+
+
+STRATIFIED, RANDOM = "stratified", "random"  # the held-out split's rule; RANDOM: runs of vitfood before it stratified
 
 
 def load_splits(dataset: str, train_split: str, eval_split: str | None, max_train_samples: int,
-                max_eval_samples: int, test_size: float, seed: int) -> Splits:
-    """The training and evaluation records, split 80/20 (by default) with the seed, as the guide."""
+                max_eval_samples: int, test_size: float, seed: int, rule: str = STRATIFIED) -> Splits:
+    """The training and evaluation records: --test-size of the images held out with the seed, stratified
+    by class (`held_out`), or --eval-split. `rule` RANDOM repeats the split of runs made before stratification."""
     path = Path(dataset).expanduser()
     folder = path.is_dir() and not is_saved_dataset(path)
+    warnings = []
     if folder:
         if eval_split is not None:
             for split in (train_split, eval_split):
@@ -191,7 +204,9 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
                                        "an image folder holds one folder per split, each with one folder per class")
         else:
             _refuse_split_layout(path)
-        train = scan_folder(path / train_split if eval_split is not None else path)
+        roots = [path / train_split, path / eval_split] if eval_split is not None else [path]
+        warnings += [loose_images_warning(root) for root in roots if loose_images(root)]
+        train = scan_folder(roots[0])
         available = len(train)
         if max_train_samples and max_train_samples < len(train):
             # Folders are listed class by class: the first N would be the first few classes only.
@@ -209,13 +224,11 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
         train = _arrow_records(ds, f"{dataset}[{train_split}]")
 
     if eval_split is None:
-        # As datasets' train_test_split: ceil(test_size * n) held out, chosen by the seeded permutation.
-        n = len(train)
-        n_eval = math.ceil(test_size * n)
-        if n_eval < 1 or n - n_eval < 1:
-            raise VitfoodError(f"--dataset {dataset}: {n} images are too few to split with --test-size {test_size}")
-        perm = np.random.default_rng(seed).permutation(n)
-        eval_records, train = train.subset(np.sort(perm[:n_eval])), train.subset(np.sort(perm[n_eval:]))
+        eval_index, train_index = held_out(train.labels, len(train.label_names), test_size, seed, rule, dataset)
+        eval_records, train = train.subset(eval_index), train.subset(train_index)
+        if rule == STRATIFIED:
+            warnings += [line for line in [small_classes_warning(eval_records.labels, train.labels, train.label_names)]
+                         if line]
     else:
         if folder:
             eval_folder = scan_folder(path / eval_split)
@@ -229,7 +242,94 @@ def load_splits(dataset: str, train_split: str, eval_split: str | None, max_trai
             eval_records = eval_records.subset(np.arange(max_eval_samples))
     if len(train.label_names) < 2:
         raise VitfoodError(f"--dataset {dataset}: found {len(train.label_names)} class; need at least 2")
-    return Splits(train=train, eval=eval_records, label_names=train.label_names, available=available)
+    return Splits(train=train, eval=eval_records, label_names=train.label_names, available=available,
+                  warnings=warnings, rule=rule)
+
+
+# ---------------------------------------------------------------- the held-out split
+
+def held_out(labels: np.ndarray, num_classes: int, test_size: float, seed: int, rule: str = STRATIFIED,
+             dataset: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
+    """(evaluation indices, training indices), each sorted, for --test-size.
+
+    As datasets' `train_test_split`, ceil(test_size x N) images are held out, chosen by one seeded
+    permutation: the same seed gives the same split. Unlike it (which stratifies only when asked to,
+    `stratify_by_column`), STRATIFIED holds out each class's share (`held_out_counts`): each class's first
+    images in the permutation's order. RANDOM, the permutation's first images whatever their class, is
+    kept for runs made before the split was stratified, so that they resume and evaluate on their own split.
+    """
+    n = len(labels)
+    perm = np.random.default_rng(seed).permutation(n)
+    if rule == RANDOM:
+        n_eval = math.ceil(test_size * n)
+        if n_eval < 1 or n - n_eval < 1:
+            raise VitfoodError(f"--dataset {dataset}: {n} images are too few to split with --test-size {test_size}")
+        return np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    counts = np.bincount(labels, minlength=num_classes)
+    quota = held_out_counts(counts, test_size)
+    if quota.sum() < 1:
+        raise VitfoodError(f"--dataset {dataset}: {n} images in {num_classes} classes, none with 2 images: no "
+                           "image can be held out for evaluation without leaving its class out of training; "
+                           "add images (or raise --max-train-samples), or pass --eval-split")
+    # Each class's images in the permutation's order; its first quota[c] are held out.
+    ordered = perm[np.argsort(labels[perm], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank_in_class = np.arange(n) - starts[labels[ordered]]
+    held = ordered[rank_in_class < quota[labels[ordered]]]
+    mask = np.zeros(n, dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def held_out_counts(counts: np.ndarray, test_size: float) -> np.ndarray:
+    """Images to hold out of each class: test_size of it, rounded by largest remainder so that the total is
+    ceil(test_size x N), within two bounds that come first: a class of at least 2 images gives at least 1 (so
+    it is evaluated) and keeps at least 1 (so it is trained). When the bounds force it, the total differs:
+    more when many small classes each give one, fewer when the classes cannot give that many."""
+    counts = np.asarray(counts, dtype=np.int64)
+    share = test_size * counts
+    low = (counts >= 2).astype(np.int64)
+    high = np.maximum(counts - 1, 0)
+    take = np.clip(np.floor(share).astype(np.int64), low, high)
+    target = math.ceil(test_size * counts.sum())
+    # One image at a time to the class furthest below its share (the largest remainder; ties: the lower
+    # class index), or from the one furthest above it: a few steps, each over the classes.
+    while take.sum() != target:
+        if take.sum() < target:
+            room = take < high
+            if not room.any():
+                break
+            gap = np.where(room, share - take, -np.inf)
+            take[int(np.argmax(gap))] += 1
+        else:
+            room = take > low
+            if not room.any():
+                break
+            gap = np.where(room, share - take, np.inf)
+            take[int(np.argmin(gap))] -= 1
+    return take
+
+
+def small_classes_warning(eval_labels: np.ndarray, train_labels: np.ndarray, label_names: list[str]) -> str | None:
+    """One line naming every class that has fewer than 2 images, so none of it is evaluated."""
+    n = len(label_names)
+    counts = np.bincount(eval_labels, minlength=n) + np.bincount(train_labels, minlength=n)
+    small = [f"{label_names[c]} ({counts[c]})" for c in range(n) if counts[c] < 2]
+    if not small:
+        return None
+    return (f"warning: {len(small)} class{'' if len(small) == 1 else 'es'} with fewer than 2 images, so none held "
+            f"out for evaluation (not in per_class_accuracy): {', '.join(small)}")
+
+
+def loose_images(root: Path) -> int:
+    """Image files directly in the dataset's root folder, outside every class folder: not used."""
+    return sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
+
+
+def loose_images_warning(root: Path) -> str:
+    n = loose_images(root)
+    return (f"warning: {n} image{'' if n == 1 else 's'} directly in {root}, outside any class folder, not used "
+            "(each class's images go in a folder named after the class)")
 
 
 # ---------------------------------------------------------------- torch datasets: decode in workers
@@ -332,6 +432,24 @@ class BadImages:
 
     def lines(self) -> str:
         return "".join(f"{name}\t{why}\n" for name, why in sorted(self.found.items()))
+
+
+def unreadable_headers(records: Records, threads: int = 8) -> list[tuple[str, str]]:
+    """(image name, why) for each image whose header cannot be read: what `open_image`, the loop's own first
+    step, refuses (missing, empty, not an image, a decompression bomb). No pixel is decoded, so this costs
+    little (see benchmarks/RESULTS.md, "Bad images before training"); a file cut short past its header is
+    still found only when the loop decodes it. Threads, because most of the time is waiting for the disk."""
+
+    def check(i: int):
+        name = records.name(i)
+        try:
+            open_image(records.source(i)).close()
+        except BadImageError as e:
+            return name, _reason(e, name)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return [found for found in pool.map(check, range(len(records))) if found]
 
 
 # ---------------------------------------------------------------- samplers: order, shards, resume

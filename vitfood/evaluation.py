@@ -3,6 +3,7 @@ what they say about a run. The metrics are pure functions, tested without a mode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vitfood import data
+from vitfood.config import BEST_MODEL_METRICS
 from vitfood.distributed import Dist, all_reduce_sum, autocast
 from vitfood.errors import VitfoodError, first_line
 
@@ -130,6 +132,19 @@ def summarize(confusion: torch.Tensor, loss_sum: float, top5_correct: int, label
         "eval_samples": int(total),
         "per_class_accuracy": per_class,
     }
+
+
+def improves(results: dict, best: dict | None, metric: str) -> bool:
+    """Whether an evaluation's `results` replace `best` under --metric-for-best-model `metric` (accuracy,
+    loss or top5_accuracy; loss: lower is better). Only a strictly better value replaces: a tie keeps the
+    earlier epoch, as the Trainer (`np.greater` / `np.less`). A NaN is never better, and anything beats one."""
+    if best is None:
+        return True
+    key = f"eval_{metric}"
+    new, old = float(results[key]), float(best.get(key, math.nan))
+    if math.isnan(old):
+        return not math.isnan(new)
+    return new > old if BEST_MODEL_METRICS[metric] else new < old
 
 
 def learning_verdict(confusion, accuracy: float, learning_rate: float) -> str | None:

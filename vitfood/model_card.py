@@ -68,7 +68,8 @@ def model_card(config: dict, results: dict, label_names, base_model: str, datase
         "vitfood's hand-written PyTorch training loop (no `Trainer`). "
         f"It sorts an image into one of {len(label_names)} classes: {shown}{more}.", "",
         *([f"> **Warning:** {warning}", ""] if warning else []),
-        *_results_section(results, f"{data_md} (split: {split})", files),
+        *_results_section(results, f"{data_md} (split: {split})", files, len(label_names),
+                          config.get("metric_for_best_model") or "accuracy"),
         *_training_section(config),
         *_usage_section(repo_id or config.get("output_dir") or "vitfood-output", config.get("model_type", "vit")),
     ]
@@ -97,22 +98,34 @@ def _front_matter(name: str, results: dict, base_model: str, dataset: str, split
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
 
-def _results_section(results: dict, evaluated_on: str, files) -> list[str]:
+WORST_SHOWN = 10  # classes listed by accuracy, lowest first; with no more classes than this, all are listed
+
+
+def _results_section(results: dict, evaluated_on: str, files, num_classes: int, metric: str = "accuracy") -> list[str]:
+    """The metrics table and the classes' accuracies. Top-5 accuracy only with more than 5 classes (with 5 or
+    fewer it is 1 by definition); "the N lowest" only when there are more classes than N."""
+    chosen = "" if metric == "accuracy" else f" by eval_{metric}"
     lines = ["## Evaluation results", "",
              "Evaluated on " + (f"{results['eval_samples']} images of " if "eval_samples" in results else "")
              + evaluated_on
-             + (f"; the model of epoch {results['epoch']} (optimizer step {results.get('step')}), the best of the run."
-                if "epoch" in results else "."), "",
+             + (f"; the model of epoch {results['epoch']} (optimizer step {results.get('step')}), the best of the "
+                f"run{chosen}." if "epoch" in results else "."), "",
              "| metric | value |", "|---|---|"]
     for key, label in (("eval_accuracy", "accuracy"), ("eval_top5_accuracy", "top-5 accuracy"),
                        ("eval_loss", "loss (cross-entropy)")):
+        if key == "eval_top5_accuracy" and num_classes <= 5:
+            continue
         if isinstance(results.get(key), (int, float)):
             lines.append(f"| {label} | {results[key]:.4f} |")
     per_class = results.get("per_class_accuracy") or {}
     if per_class:
-        worst = sorted(per_class.items(), key=lambda kv: (kv[1], kv[0]))[:10]
-        lines += ["", f"The {len(worst)} classes with the lowest accuracy:", "", "| class | accuracy |", "|---|---|"]
-        lines += [f"| {str(cls).replace('|', '/')} | {acc:.4f} |" for cls, acc in worst]
+        ranked = sorted(per_class.items(), key=lambda kv: (kv[1], kv[0]))
+        if len(ranked) > WORST_SHOWN:
+            title = f"The {WORST_SHOWN} classes with the lowest accuracy:"
+        else:
+            title = "Accuracy of each evaluated class, lowest first:"
+        lines += ["", title, "", "| class | accuracy |", "|---|---|"]
+        lines += [f"| {str(cls).replace('|', '/')} | {acc:.4f} |" for cls, acc in ranked[:WORST_SHOWN]]
     if files:
         lines += ["", "Also in this repository: " + ", ".join(f"[{Path(f).name}]({Path(f).name})" for f in files) + "."]
     return lines

@@ -86,7 +86,8 @@ def _as_saved_then(saved: dict) -> tuple[dict, dict]:
     if isinstance(config["eval_batch_size"], int):  # once a number, 16 by default: no flag is today's auto
         n = config["eval_batch_size"]
         config["eval_batch_size"] = defaults["eval_batch_size"] if n == OLD_EVAL_BATCH_DEFAULT else str(n)
-    setup = {**{name: defaults[name] for name in fields_where("resume", MATCH)}, **saved["setup"]}
+    # Before the stratified split (not a flag, so not among the defaults): the random one (data.held_out).
+    setup = {**{name: defaults[name] for name in fields_where("resume", MATCH)}, "split": "random", **saved["setup"]}
     return setup, config
 
 

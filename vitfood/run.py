@@ -16,11 +16,13 @@ import torch
 
 from vitfood import checkpoint, data, distributed, hub, report, shared_memory
 from vitfood.config import TrainConfig
-from vitfood.distributed import Dist
+from vitfood.distributed import Dist, usable_cores
 from vitfood.evaluation import EvalPasses, evaluate, label_map_for
 from vitfood.execution import (deterministic_algorithms, determinism_in_force, eval_oom_retry_allowed,
                                resolve_eval_batch, resolve_micro_batch)
-from vitfood.fileio import atomic_write_bytes, write_json
+from vitfood.errors import VitfoodError
+from vitfood.fileio import atomic_write_bytes, read_json, write_json
+from vitfood.folder_lock import holds_lock_for_job, output_dir_lock
 from vitfood.logs import Console
 from vitfood.models import ImageClassifier, load_model, preprocessing_for
 from vitfood.preprocess import Preprocessing
@@ -93,6 +95,7 @@ class Inputs:
     prep: Preprocessing
     processor: dict  # the preprocessor_config.json saved with the model (the checkpoint's own processor type)
     splits: data.Splits
+    bad: data.BadImages  # unreadable images: those found before training (`check_images`), then the loop's
 
 
 def load_inputs(ctx: RunContext, new_head: bool) -> Inputs:
@@ -100,17 +103,66 @@ def load_inputs(ctx: RunContext, new_head: bool) -> Inputs:
     else the checkpoint's own trained head (evaluation)."""
     cfg = ctx.cfg
     model_dir = hub.resolve_model_dir(cfg.model)
+    rule = split_rule(cfg, model_dir, training=new_head)
     splits = data.load_splits(cfg.dataset, cfg.train_split, cfg.eval_split, cfg.train_samples(),
-                              cfg.max_eval_samples, cfg.test_size, cfg.seed)
+                              cfg.max_eval_samples, cfg.test_size, cfg.seed, rule)
+    for line in splits.warnings:
+        ctx.say(f"vitfood: {line}")
+    bad = check_images(ctx, [splits.train, splits.eval] if new_head else [splits.eval])
     # Training puts a new head on it (--image-size resizes its position tables); evaluation keeps its own.
     model, base_config = load_model(model_dir, labels=splits.label_names if new_head else None, seed=cfg.seed,
                                     image_size=cfg.image_size if new_head else None,
                                     trust_remote_code=cfg.trust_remote_code)
     prep, processor = preprocessing_for(model_dir, model, cfg.image_size if new_head else None)
     model.to(ctx.device)
-    ctx.resolved.update(train_images=len(splits.train), eval_images=len(splits.eval), model_type=model.model_type)
+    ctx.resolved.update(train_images=len(splits.train), eval_images=len(splits.eval), split=splits.rule,
+                        model_type=model.model_type)
     ctx.timeline.mark("dataset and model loaded")
-    return Inputs(model, base_config, prep, processor, splits)
+    return Inputs(model, base_config, prep, processor, splits, bad)
+
+
+def split_rule(cfg: TrainConfig, model_dir: Path, training: bool) -> str:
+    """How to hold out --test-size: STRATIFIED, unless the run continues or evaluates one made before the split
+    was stratified (its checkpoint's setup, or its run.json, has no "split"): then that run's own RANDOM split,
+    so that it resumes exactly and is evaluated on images it never trained on. A record that cannot be read
+    here is left to the checks that read it properly (restore, load_model)."""
+    try:
+        if training and cfg.resume_from_checkpoint is not None:
+            ckpt = checkpoint.find_checkpoint(Path(cfg.output_dir), cfg.resume_from_checkpoint)
+            return read_json(ckpt / checkpoint.STATE_FILE)["setup"].get("split", data.RANDOM)
+        if not training and (model_dir / checkpoint.STATE_FILE).is_file():  # --eval-only of a checkpoint
+            return read_json(model_dir / checkpoint.STATE_FILE)["setup"].get("split", data.RANDOM)
+        if not training and (model_dir / RUN_JSON).is_file():  # --eval-only of a trained model folder
+            return read_json(model_dir / RUN_JSON)["config"].get("split", data.RANDOM)
+    except (VitfoodError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return data.STRATIFIED
+
+
+def check_images(ctx: RunContext, parts: list[data.Records]) -> data.BadImages:
+    """Open every image's header before any training (`data.unreadable_headers`): past --max-bad-fraction the
+    run stops now, with bad_images.txt written, instead of part of the way into an epoch. Below it, the images
+    found are listed and skipped as the loop skips those it finds."""
+    total = sum(len(p) for p in parts)
+    bad = data.BadImages(total, ctx.cfg.max_bad_fraction)
+    found = [item for part in parts for item in data.unreadable_headers(part, threads=min(16, 2 * usable_cores()))]
+    ctx.timeline.mark("image headers checked")
+    if not found:
+        return bad
+    bad.found.update(found)
+    listed = ctx.out_dir / checkpoint.BAD_IMAGES
+    if len(bad.found) > ctx.cfg.max_bad_fraction * total:
+        if ctx.dist.is_main:
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        ctx.write_bad_images(bad)
+        name, why = next(iter(bad.found.items()))
+        raise VitfoodError(f"stopped at the start: {len(bad.found):,} unreadable images (found by opening each "
+                           f"image's header), more than --max-bad-fraction {ctx.cfg.max_bad_fraction:g} of the "
+                           f"{total:,} allows; all listed in {listed}; the first: {name}: {why}")
+    name, why = next(iter(bad.found.items()))
+    ctx.say(f"vitfood: warning: {plural(len(bad.found), 'image')} cannot be opened, skipped (the run lists them in "
+            f"{listed}); the first: {name}: {why}")
+    return bad
 
 
 def selection_note(ctx: RunContext, splits: data.Splits) -> str:
@@ -147,12 +199,12 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     --eval-split. Writes eval_results.json, confusion_matrix.json/.png and run.json to --output-dir;
     the model there, if any, is left untouched.
     """
-    with deterministic_algorithms(cfg.deterministic):
+    with output_dir_lock(cfg.output_dir, holds_lock_for_job()), deterministic_algorithms(cfg.deterministic):
         ctx = start_run(cfg, training=False)
         inputs = load_inputs(ctx, new_head=False)
         labels = inputs.model.labels
         label_map = label_map_for(inputs.splits.label_names, labels, cfg.dataset, cfg.model)
-        bad = data.BadImages(len(inputs.splits.eval), cfg.max_bad_fraction)
+        bad = inputs.bad
         # The training pass as training would resolve it: the same flags evaluate in the same batches.
         micro = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, cfg.grad_accum_steps, ctx.device,
                                     ctx.dist.world)
@@ -171,9 +223,9 @@ def evaluate_only(cfg: TrainConfig) -> dict:
             report.save_confusion(ctx.out_dir / report.CONFUSION_JSON, confusion, labels)
             report.write_report(ctx.out_dir, results, confusion, labels)
             ctx.write_record("finished")
-            ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}, top-5 "
-                    f"{results['eval_top5_accuracy']:.4f} on {results['eval_samples']:,} images; report in "
-                    f"{ctx.out_dir}")
+            top5 = f", top-5 {results['eval_top5_accuracy']:.4f}" if len(labels) > 5 else ""  # else always 1
+            ctx.say(f"vitfood: eval_accuracy {results['eval_accuracy']:.4f}{top5} on {results['eval_samples']:,} "
+                    f"images; report in {ctx.out_dir}")
         return results
 
 

@@ -27,10 +27,11 @@ from vitfood import checkpoint, data, image_cache, logs, publish, report
 from vitfood.config import TrainConfig
 from vitfood.distributed import all_reduce_sum, autocast, barrier, usable_cores
 from vitfood.errors import VitfoodError, first_line
-from vitfood.evaluation import EvalPasses, evaluate, learning_verdict
+from vitfood.evaluation import EvalPasses, evaluate, improves, learning_verdict
 from vitfood.execution import (compile_blocker, compile_decision, deterministic_algorithms, is_compile_failure,
                                oom_retry_allowed, resolve_micro_batch, skip_step_unless_finite, uncompile, wrap_model)
 from vitfood.fileio import atomic_write_bytes
+from vitfood.folder_lock import holds_lock_for_job, output_dir_lock
 from vitfood.models import hf_files
 from vitfood.model_card import MODEL_CARD, model_card
 from vitfood.optim import Schedule, build_optimizer
@@ -44,7 +45,8 @@ __all__ = ["train", "TrainingInterrupted"]
 
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.dataset`; returns the best evaluation's results."""
-    with deterministic_algorithms(cfg.deterministic):  # --deterministic: before the model is built
+    # One run per output folder, locked before anything in it is touched; --deterministic: before the model is built.
+    with output_dir_lock(cfg.output_dir, holds_lock_for_job()), deterministic_algorithms(cfg.deterministic):
         t = setup(cfg)
         status = "failed"
         try:
@@ -115,6 +117,9 @@ def setup(cfg: TrainConfig) -> Training:
     hub_repo = check_extras(ctx)
     torch.manual_seed(cfg.seed)  # dropout, if the checkpoint has any
     inputs = load_inputs(ctx, new_head=True)
+    if cfg.metric_for_best_model == "top5_accuracy" and len(inputs.splits.label_names) <= 5:
+        raise VitfoodError(f"--metric-for-best-model top5_accuracy: with {len(inputs.splits.label_names)} classes "
+                           "every label is in the top 5, so every epoch would tie; choose accuracy or loss")
     if ctx.device.type == "cpu":
         # The workers decode on their own cores; more math threads here would only fight them.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), usable_cores() - ctx.workers)))
@@ -138,10 +143,11 @@ def setup(cfg: TrainConfig) -> Training:
         resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, cfg.grad_accum_steps, ctx.device, ctx.dist.world)
     evals, eval_passes = eval_loader(ctx, inputs, micro, caches[1] if caches else None)
     facts = run_facts(cfg, inputs.splits.label_names, inputs.model.image_size, ctx.dist.world)
+    facts["split"] = inputs.splits.rule  # the held-out split's rule (run.split_rule): a resumed run keeps it
     state = TrainState()
     if cfg.resume_from_checkpoint is not None:
         state = restore(ctx, inputs, optimizer, scaler, facts)
-    bad = data.BadImages(len(inputs.splits.train) + len(inputs.splits.eval), cfg.max_bad_fraction)
+    bad = inputs.bad  # with what the image check found
     bad.found.update(state.bad_images)
     ctx.say(opening_line(ctx, inputs, schedule, cache_note, micro, eval_passes.size))
     log = open_logs(ctx, state.step)
@@ -432,7 +438,7 @@ def log_train(t: Training, lr: float, grad_norm) -> None:
 # ---------------------------------------------------------------- end of an epoch, checkpoints
 
 def end_epoch(t: Training, epoch: int) -> None:
-    """Evaluate; keep the best epoch by accuracy (the first of equals, as the Trainer); checkpoint."""
+    """Evaluate; keep the best epoch by --metric-for-best-model (the first of equals, as the Trainer); checkpoint."""
     ctx, inputs, state = t.ctx, t.inputs, t.state
     started = time.perf_counter()
     results, confusion = eager_if_compile_fails(t, lambda: evaluate(
@@ -445,7 +451,7 @@ def end_epoch(t: Training, epoch: int) -> None:
     state.epochs_evaluated = epoch + 1
     ctx.timeline.mark(f"epoch {epoch + 1} evaluated")
     best = None
-    if state.best is None or results["eval_accuracy"] > state.best["eval_accuracy"]:
+    if improves(results, state.best, t.cfg.metric_for_best_model):
         state.best, state.best_step, best = results, state.step, (results, confusion)
     ctx.write_bad_images(t.bad)
     save_checkpoint(t, best=best)
@@ -555,7 +561,9 @@ def finish(t: Training) -> dict:
         ctx.write_record("finished")  # again, with the report in the timeline
     bad = f"; {plural(len(t.bad.found), 'unreadable image')} skipped, see {ctx.out_dir / checkpoint.BAD_IMAGES}" \
         if t.bad.found else ""
-    ctx.say(f"vitfood: best eval_accuracy {best['eval_accuracy']:.4f} (epoch {best['epoch']}); model saved to "
+    key = f"eval_{t.cfg.metric_for_best_model}"
+    also = f", eval_accuracy {best['eval_accuracy']:.4f}" if key != "eval_accuracy" else ""
+    ctx.say(f"vitfood: best {key} {best[key]:.4f} (epoch {best['epoch']}{also}); model saved to "
             f"{ctx.out_dir}{bad}")
     if verdict is not None:
         ctx.say(f"vitfood: warning: {verdict}")
