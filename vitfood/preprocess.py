@@ -11,7 +11,7 @@ import functools
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from vitfood.errors import VitfoodError
+from vitfood.processor_config import processor_at_size, read_processor, write_processor
 
 # The guide's ViT image processor defaults, used for fields a preprocessor_config.json leaves out.
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -67,15 +68,11 @@ class Preprocessing:
                      model_type: str | None = None) -> "Preprocessing":
         """A preprocessor_config.json's options; one that vitfood would not reproduce to the pixel is a
         VitfoodError naming it. `model_type` (config.json's) names the processor when the file does not."""
-        from vitfood.processor_config import read_processor
-
-        return read_processor(cfg, source, model_type)
+        return cls(**read_processor(cfg, source, model_type))
 
     def to_hf_dict(self) -> dict:
         """The preprocessor_config.json of the checkpoint's own processor type: transformers' AutoImageProcessor
         and pipeline() load it and give the same pixels."""
-        from vitfood.processor_config import write_processor
-
         return write_processor(self)
 
     def at_size(self, size: int) -> "Preprocessing":
@@ -83,9 +80,7 @@ class Preprocessing:
         `size`, the resize before it keeps its proportion to the crop (DINOv2's 256 -> 224 becomes
         256 * 384 // 224 = 438 -> 384; ConvNeXt keeps its crop_pct, and from 384 up squashes as its processor
         does). to_hf_dict() then carries the new size."""
-        from vitfood.processor_config import processor_at_size
-
-        return processor_at_size(self, size)
+        return replace(self, **processor_at_size(self, size))
 
     @property
     def gpu_resizable(self) -> bool:

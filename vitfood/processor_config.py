@@ -1,22 +1,25 @@
-"""preprocessor_config.json <-> Preprocessing: transformers' image processors, option by option.
+"""preprocessor_config.json <-> Preprocessing's fields: transformers' image processors, option by option.
 
 vitfood reproduces, to the pixel, the image processors of the families it trains: what transformers'
 `AutoImageProcessor` (its default torchvision backend) gives for the same file. `_PROCESSORS` holds each
 one's class defaults (transformers fills the options a file leaves out from them), checked against
 transformers in tests/test_preprocess.py. An option, or a value, vitfood would not reproduce is one
 VitfoodError naming it and the file: never silently different pixels. No transformers import: infer.py
-reads checkpoints without it.
+reads checkpoints without it. It deals in Preprocessing's fields (dicts) and reads a Preprocessing only by
+its attributes, so that vitfood.preprocess imports it and not the other way round.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from vitfood.errors import VitfoodError
-from vitfood.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from vitfood.preprocess import Preprocessing
 
 _HALF = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN and _STD
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN
@@ -101,9 +104,8 @@ def processor_type(cfg: dict, source: str, model_type: str | None = None) -> str
     return name
 
 
-def read_processor(cfg: dict, source: str = "preprocessor_config.json",
-                   model_type: str | None = None) -> Preprocessing:
-    """A preprocessor_config.json dict -> the Preprocessing that gives its processor's pixels."""
+def read_processor(cfg: dict, source: str = "preprocessor_config.json", model_type: str | None = None) -> dict:
+    """A preprocessor_config.json dict -> the fields of the Preprocessing that gives its processor's pixels."""
     name = processor_type(cfg, source, model_type)
     kind, defaults = _PROCESSORS[name]
 
@@ -144,7 +146,8 @@ def read_processor(cfg: dict, source: str = "preprocessor_config.json",
             raise refuse("size", "ConvNeXt's resize takes shortest_edge only")
         if center_crop:
             raise refuse("do_center_crop", "a second centre crop after crop_pct's is not reproduced")
-        return _convnext(Preprocessing(0, 0, crop_pct=positive("crop_pct"), **fields), size["shortest_edge"], source)
+        crop_pct = positive("crop_pct")
+        return {**fields, "crop_pct": crop_pct, **_convnext(crop_pct, size["shortest_edge"], source)}
 
     if kind == "efficientnet":
         fields.update(rescale_offset=bool(opt("rescale_offset")) and bool(opt("do_rescale")),
@@ -166,19 +169,19 @@ def read_processor(cfg: dict, source: str = "preprocessor_config.json",
             raise refuse("do_pad", f"padding to {pad} is not reproduced")
     if resized is not None and resized == (height, width):
         resized = None  # a crop of the whole picture
-    return Preprocessing(height, width, shortest_edge=shortest, resize_height=resized and resized[0],
-                         resize_width=resized and resized[1], **fields)
+    return dict(height=height, width=width, shortest_edge=shortest, resize_height=resized and resized[0],
+                resize_width=resized and resized[1], **fields)
 
 
-def _convnext(prep: Preprocessing, shortest_edge: int, source: str) -> Preprocessing:
-    """ConvNextImageProcessor at `shortest_edge` s: below 384, the shortest edge to int(s / crop_pct), then
-    a centre crop to s x s; from 384 up, squashed to s x s."""
+def _convnext(crop_pct: float, shortest_edge: int, source: str) -> dict:
+    """The size fields of ConvNextImageProcessor at `shortest_edge` s: below 384, the shortest edge to
+    int(s / crop_pct), then a centre crop to s x s; from 384 up, squashed to s x s."""
     if shortest_edge >= _CONVNEXT_WARP:
-        return replace(prep, height=shortest_edge, width=shortest_edge, shortest_edge=None)
-    resize_to = int(shortest_edge / prep.crop_pct)
+        return dict(height=shortest_edge, width=shortest_edge, shortest_edge=None)
+    resize_to = int(shortest_edge / crop_pct)
     if resize_to < 1:
-        raise VitfoodError(f"{source}: crop_pct {prep.crop_pct}: resizes to nothing at {shortest_edge}")
-    return replace(prep, height=shortest_edge, width=shortest_edge, shortest_edge=resize_to)
+        raise VitfoodError(f"{source}: crop_pct {crop_pct}: resizes to nothing at {shortest_edge}")
+    return dict(height=shortest_edge, width=shortest_edge, shortest_edge=resize_to)
 
 
 def _size_dict(value, default_to_square: bool, key: str, source: str) -> dict:
@@ -237,8 +240,9 @@ def write_processor(prep: Preprocessing) -> dict:
     return out
 
 
-def processor_at_size(prep: Preprocessing, size: int) -> Preprocessing:
-    """Preprocessing.at_size: the model's input `size` x `size`, the resize before the crop in proportion."""
+def processor_at_size(prep: Preprocessing, size: int) -> dict:
+    """Preprocessing.at_size's changed fields: the model's input `size` x `size`, the resize before the crop
+    in proportion."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise VitfoodError(f"image size {size!r}: expected a positive number of pixels")
     if prep.height != prep.width:
@@ -246,10 +250,10 @@ def processor_at_size(prep: Preprocessing, size: int) -> Preprocessing:
                            "pictures, not squares; vitfood resizes only square inputs")
     old = prep.height
     if prep.crop_pct is not None:
-        return _convnext(prep, size, f"image size {size}")
+        return _convnext(prep.crop_pct, size, f"image size {size}")
 
     def scaled(n):  # floor, as timm's int(size / crop_pct): 256 at 224 -> 438 at 384
         return None if n is None else max(1, n * size // old)
 
-    return replace(prep, height=size, width=size, shortest_edge=scaled(prep.shortest_edge),
-                   resize_height=scaled(prep.resize_height), resize_width=scaled(prep.resize_width))
+    return dict(height=size, width=size, shortest_edge=scaled(prep.shortest_edge),
+                resize_height=scaled(prep.resize_height), resize_width=scaled(prep.resize_width))
