@@ -100,8 +100,8 @@ def test_each_family_trains_and_its_model_works_in_transformers_and_pipeline(fam
     theirs = pipeline("image-classification", model=str(out), device="cpu")(images, top_k=3)
     mine = classify(images, model_dir=out, top_k=3)
     ours_px, theirs_px = pixels_as_vitfood_and_processor(out, images)
-    if ours_px.shape != theirs_px.shape or not torch.allclose(ours_px, theirs_px, atol=1e-4):
-        pytest.xfail(f"{family}: vitfood's evaluation pixels differ from the saved processor's (vitfood.preprocess)")
+    assert ours_px.shape == theirs_px.shape, family
+    torch.testing.assert_close(ours_px, theirs_px, atol=1e-5, rtol=0)  # the saved processor's pixels, exactly
     for a, b in zip(mine, theirs):
         assert a[0]["label"] == b[0]["label"]
         np.testing.assert_allclose([p["score"] for p in a], [p["score"] for p in b], atol=1e-4)
