@@ -123,7 +123,7 @@ def folder(args) -> list[dict]:
 def gpu(args) -> list[dict]:
     import torch
 
-    from vitfood.model import load_model
+    from vitfood.models import load_model
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu: no CUDA device here")

@@ -20,7 +20,7 @@ import torch
 from common import make_vit_checkpoint, table, versions, write_jsonl
 
 from vitfood import checkpoint
-from vitfood.model import hf_files, load_model
+from vitfood.models import hf_files, load_model
 from vitfood.optim import build_optimizer
 
 

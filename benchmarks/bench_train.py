@@ -116,7 +116,7 @@ def build(impl: str, checkpoint: Path, device, arch):
     """vitfood's ViT, transformers' ViTForImageClassification (same weights) or timm's ViT (its own random
     init, same shape), as (`pixels -> logits`, the module)."""
     if impl == "vitfood":
-        from vitfood.model import load_model
+        from vitfood.models import load_model
 
         model, _ = load_model(checkpoint)
         return model.to(device), model
@@ -198,7 +198,7 @@ def compute(args, work: Path) -> list[dict]:
     import torch
 
     from vitfood.fileio import read_json
-    from vitfood.model import ViTArch
+    from vitfood.models.vit import ViTArch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model_family != "vit":  # vitfood's hf family (transformers' model behind vitfood's interface) vs raw

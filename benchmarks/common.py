@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def count_flops_per_image(arch, num_labels: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of one image of a ViT (`vitfood.model.ViTArch`): the matmuls,
+    """Forward FLOPs (2 per multiply-add) of one image of a ViT (`vitfood.models.vit.ViTArch`): the matmuls,
     which are >99% of the work. The benchmarks' MFU figures divide by it."""
     n, d, m = arch.num_patches + 1, arch.hidden_size, arch.intermediate_size
     per_block = 2 * n * (3 * d * d + d * d + 2 * d * m) + 2 * 2 * n * n * d

@@ -63,7 +63,7 @@ def bench_train_module():
 
 def test_bench_train_timm_peer_is_vit_b16_and_its_speed_column(monkeypatch):
     bt = bench_train_module()
-    from vitfood.model import ViTArch
+    from vitfood.models.vit import ViTArch
 
     made = []
     monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(
@@ -177,7 +177,7 @@ def test_vit_base_flops_match_the_published_figure():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import count_flops_per_image
 
-    from vitfood.model import ViTArch
+    from vitfood.models.vit import ViTArch
 
     assert count_flops_per_image(ViTArch(), 101) == pytest.approx(35.2e9, rel=0.01)
 

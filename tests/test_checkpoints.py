@@ -11,7 +11,7 @@ from helpers import CLASSES, make_image_folder, run
 from vitfood import checkpoint
 from vitfood.fileio import human_bytes
 from vitfood.errors import VitfoodError
-from vitfood.model import load_model, save_model
+from vitfood.models import load_model, save_model
 from vitfood.preprocess import load_preprocessing
 
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")

@@ -112,7 +112,8 @@ def test_per_block_compile_under_ddp_stays_well_under_dynamos_recompile_limit(ba
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from vitfood.execution import wrap_model
-    from vitfood.model import Block, load_model
+    from vitfood.models import load_model
+    from vitfood.models.vit import Block
 
     model, _ = load_model(backbone_dir, labels=["a", "b", "c"])
     real_compile = torch.nn.Module.compile

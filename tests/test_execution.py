@@ -14,7 +14,7 @@ from vitfood.distributed import Dist
 from vitfood.errors import VitfoodError
 from vitfood.evaluation import EvalPasses, evaluate
 from vitfood.execution import deterministic_algorithms, resolve_eval_batch
-from vitfood.model import load_model
+from vitfood.models import load_model
 from vitfood.preprocess import load_preprocessing
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -252,7 +252,7 @@ def test_torchrun_with_one_process_and_ddp_on_nccl(tiny, folder, tmp_path):
 
     from vitfood.distributed import Dist, all_reduce_sum, barrier
     from vitfood.execution import wrap_model
-    from vitfood.model import load_model
+    from vitfood.models import load_model
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     r = finish(start([*small_run(tiny, folder, tmp_path / "out"), "--device", "cuda"], launcher=launcher))

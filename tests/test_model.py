@@ -10,7 +10,7 @@ from transformers import ViTForImageClassification
 
 from helpers import make_checkpoint
 from vitfood.errors import VitfoodError
-from vitfood.model import load_model, save_model
+from vitfood.models import load_model, save_model
 from vitfood.preprocess import Preprocessing, load_preprocessing
 
 

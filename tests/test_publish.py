@@ -16,7 +16,7 @@ from helpers import make_checkpoint
 from vitfood import checkpoint, hub, model_card, publish, report
 from vitfood.fileio import write_json
 from vitfood.errors import VitfoodError
-from vitfood.model import load_model
+from vitfood.models import load_model
 
 UPLOADED = ["README.md", "config.json", "confusion_matrix.json", "confusion_matrix.png", "eval_results.json",
             "metrics.jsonl", "model.safetensors", "preprocessor_config.json", "run.json",

@@ -246,7 +246,7 @@ def test_a_resume_takes_this_runs_optimizer_options_and_any_precisions_scaler(ba
 
     import torch
 
-    from vitfood.model import load_model
+    from vitfood.models import load_model
     from vitfood.optim import build_optimizer
     from vitfood.resume import load_optimizer_state, load_scaler_state
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from helpers import fake_small_gpu_in_evaluation, make_image_folder
 from vitfood.config import TrainConfig
 from vitfood.errors import VitfoodError
-from vitfood.model import load_model
+from vitfood.models import load_model
 from vitfood.train_loop import train
 
 
