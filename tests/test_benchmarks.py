@@ -31,6 +31,7 @@ def bench(script, *args, work, timeout=300, stderr=None):
     return rows
 
 
+@pytest.mark.bench
 def test_bench_data_compares_the_pipelines(tmp_path):
     rows = bench("bench_data.py", "--images", 12, "--epochs", 2, work=tmp_path)
     assert [r["pipeline"] for r in rows] == ["guide", "vitfood, cache off", "vitfood"]
@@ -39,6 +40,7 @@ def test_bench_data_compares_the_pipelines(tmp_path):
     assert not (tmp_path / "decoded-images").exists()
 
 
+@pytest.mark.bench
 def test_bench_train_compute_smoke(tmp_path):
     rows = bench("bench_train.py", "compute", "--smoke", work=tmp_path)
     assert [r["job"] for r in rows] == ["compute vitfood", "compute hf"]
@@ -97,6 +99,7 @@ def test_bench_train_fixed_cost_from_the_timeline():
     assert bt.fixed_cost(34.0, timeline[:3]) is None  # no epoch evaluated: no figure
 
 
+@pytest.mark.bench
 def test_bench_train_end_to_end_smoke(tmp_path):
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate (pip install -e '.[bench]')")
     # The Trainer as written is the guide job's smoke row: left out here for time.
@@ -108,6 +111,7 @@ def test_bench_train_end_to_end_smoke(tmp_path):
     assert 0 < rows[0]["fixed cost s"] < rows[0]["whole process s"]  # from run.json's timeline
 
 
+@pytest.mark.bench
 def test_bench_train_guide_job_smoke(tmp_path):
     """The guide's job: train.py with nothing but --model, --dataset and --epochs, against the Trainer as
     written (the tuned Trainer's rows are the e2e smoke's command with other flags: left out for time)."""
@@ -152,6 +156,7 @@ def test_the_trainer_as_written_run_in_part_is_projected_whole(tmp_path, monkeyp
     assert row["whole process s"] is None and row["projection"].startswith("none")
 
 
+@pytest.mark.bench
 def test_bench_train_steady_smoke(tmp_path):
     """The steady job's best-flags rows, cold and with the compiler cache the first left (its defaults row
     is the guide job's command with more images)."""
@@ -165,6 +170,7 @@ def test_bench_train_steady_smoke(tmp_path):
     assert len(caches) == 2 and caches[0] == caches[1]  # the warm run reuses the cold run's compiler cache
 
 
+@pytest.mark.bench
 def test_bench_infer_cold_smoke_is_the_default_without_a_gpu(tmp_path):
     err = []
     rows = bench("bench_infer.py", "--model-size", "tiny", "--repeats", 1, work=tmp_path, stderr=err)  # no mode
@@ -182,6 +188,7 @@ def test_vit_base_flops_match_the_published_figure():
     assert count_flops_per_image(ViTArch(), 101) == pytest.approx(35.2e9, rel=0.01)
 
 
+@pytest.mark.bench
 def test_bench_saves_smoke(tmp_path):
     rows = bench("bench_saves.py", "--model-size", "tiny", "--repeats", 1, work=tmp_path)
     assert [r["save"].split(",")[0] for r in rows] == ["checkpoint", "best model"]

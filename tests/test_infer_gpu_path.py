@@ -517,6 +517,7 @@ def test_compile_gives_the_eager_results(trained, tmp_path, capsys):
             [p["score"] for p in eager["predictions"]], abs=1e-4)
 
 
+@pytest.mark.bench
 def test_bench_infer_folder_smoke(tmp_path):
     jsonl = tmp_path / "results.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_infer.py"), "folder", "--smoke",
