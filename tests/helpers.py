@@ -41,6 +41,19 @@ def make_checkpoint(path: Path, *, classification_labels: list[str] | None = Non
     return path
 
 
+def nan_checkpoint(source: Path, path: Path) -> Path:
+    """A copy of the checkpoint with one corrupt (NaN) value in its final LayerNorm: every loss is NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path)
+    weights = load_file(str(path / "model.safetensors"))
+    weights["layernorm.weight"][0] = float("nan")
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
 def draw_image(cls: str, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """A learnable picture: the class decides the colour and the shape; position, size and noise vary."""
     w, h = size

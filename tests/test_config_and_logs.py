@@ -125,7 +125,9 @@ def test_train_help_as_a_user_sees_it():
     assert "--eval-batch-size auto|N" in r.stdout and "--deterministic " in r.stdout
 
 
-def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path):
+def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path, capsys):
+    from vitfood.cli import train_main
+
     # More images than the guide's 5,000: none may be left out without a word (tiny images, one short epoch).
     folder = make_image_folder(tmp_path / "img", per_class=1734, classes=("a", "b", "c"), size=(8, 8))
     n = sum(1 for _ in folder.rglob("*.*"))
@@ -138,11 +140,10 @@ def test_a_local_folder_trains_on_every_image_by_default(backbone_dir, tmp_path)
     record = json.loads((out / "run.json").read_text())["config"]
     assert record["train_images"] + record["eval_images"] == n
     assert f"(all {n:,} images of {folder}, 20% held out for evaluation)" in r.stderr
-    capped = run("train.py", "--model", backbone_dir, "--dataset", folder, "--output-dir", tmp_path / "capped",
-                 "--epochs", 1, "--batch-size", 512, "--grad-accum-steps", 1, "--max-train-samples", 100,
-                 "--eval-batch-size", 512)
-    assert capped.returncode == 0, capped.stderr
-    assert f"(100 of the {n:,} images of {folder} (--max-train-samples 100), 20% held out" in capped.stderr
+    capped = ["--model", backbone_dir, "--dataset", folder, "--output-dir", tmp_path / "capped", "--epochs", 1,
+              "--batch-size", 512, "--grad-accum-steps", 1, "--max-train-samples", 100, "--eval-batch-size", 512]
+    assert train_main(list(map(str, capped))) == 0  # in process: train.py's own main
+    assert f"(100 of the {n:,} images of {folder} (--max-train-samples 100), 20% held out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("setting, device, images, expect", [

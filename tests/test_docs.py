@@ -155,6 +155,6 @@ def test_the_flag_reference_names_every_flag_and_no_other(page, script):
 def test_the_readme_keeps_the_install_and_test_commands_that_ci_runs():
     readme = shell_lines((ROOT / "README.md").read_text())
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    for command in ("pip install -e '.[test]'", "python -m pytest -q -n 2"):
+    for command in ("pip install -e '.[test]'", "python -m pytest -q -n 2", "python -m pytest -q -n 2 -m bench"):
         assert command in ci and any(line.split("#")[0].strip() == command for line in readme), command
     assert len((ROOT / "README.md").read_text().splitlines()) < 200  # a quick start; the reference is in docs/

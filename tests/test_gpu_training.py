@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from helpers import ROOT, make_checkpoint, make_image_folder
+from helpers import ROOT, make_checkpoint, make_image_folder, nan_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -162,11 +162,7 @@ def test_fp16_with_the_grad_scaler_a_nan_loss_stops_it_and_resumes_across_precis
     # checkpoint whose weights hold a NaN makes every loss NaN: the run stops at once with the one line, and saves
     # nothing. A CPU (fp32) checkpoint resumes in fp16 on the GPU (no scaler state, unfused AdamW's options then), and
     # an fp16 one in bf16.
-    nan_model = tmp_path / "nan-model"
-    shutil.copytree(tiny, nan_model)
-    weights = load_file(str(nan_model / "model.safetensors"))
-    weights["layernorm.weight"][0] = float("nan")
-    save_file(weights, str(nan_model / "model.safetensors"))
+    nan_model = nan_checkpoint(tiny, tmp_path / "nan-model")
     fp16, nan, cpu = tmp_path / "fp16", tmp_path / "nan", tmp_path / "cpu"
     procs = [start(small_run(tiny, folder, fp16, "--precision", "fp16")),
              start(small_run(nan_model, folder, nan, "--precision", "fp16")),

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, make_image_folder, run
+from helpers import ROOT, make_image_folder, nan_checkpoint, run
 
 # Every step's checkpoint is kept (--save-total-limit 0, not the default 1): the tests resume from
 # earlier ones and compare the checkpoints of two runs.
@@ -102,6 +102,8 @@ def test_sigterm_then_resume_with_deterministic_gives_the_same_bits(backbone_dir
 
 @pytest.mark.parametrize("step", [2, 3, 4])  # mid-epoch; the first epoch's end (after its evaluation); mid-epoch 2
 def test_resume_from_a_chosen_checkpoint(backbone_dir, folder, uninterrupted, tmp_path, step):
+    from vitfood.cli import train_main
+
     full = uninterrupted[0]
     out = tmp_path / "out"
     shutil.copytree(full, out)
@@ -110,8 +112,8 @@ def test_resume_from_a_chosen_checkpoint(backbone_dir, folder, uninterrupted, tm
             shutil.rmtree(ckpt)
     for name in ("model.safetensors", "config.json", "eval_results.json"):
         (out / name).unlink()  # as if the run had died before saving any of its later results
-    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--resume-from-checkpoint")
-    assert r.returncode == 0, r.stderr
+    # In process (train.py's own main): the resumes by a new process are the SIGTERM tests'.
+    assert train_main([*map(str, train_args(backbone_dir, folder, out, 0)), "--resume-from-checkpoint"]) == 0
     assert (last_checkpoint(out) / "model.safetensors").read_bytes() == \
         (last_checkpoint(full) / "model.safetensors").read_bytes()
     assert losses(out) == losses(full)
@@ -155,54 +157,60 @@ def test_a_malicious_optimizer_pickle_is_refused(backbone_dir, folder, uninterru
     assert not marker.exists()
 
 
-def test_incompatible_resume_says_what_differs_and_harmless_changes_warn(backbone_dir, folder, uninterrupted, tmp_path):
+def test_incompatible_resume_says_what_differs_and_harmless_changes_warn(backbone_dir, folder, uninterrupted, tmp_path,
+                                                                         capsys):
+    from vitfood.cli import train_main
+
     out = tmp_path / "out"
     shutil.copytree(uninterrupted[0], out)
     args = train_args(backbone_dir, folder, out, 0)
-    r = run("train.py", *args, "--batch-size", 8, "--resume-from-checkpoint")
-    assert r.returncode == 2 and "batch_size: 4 then, 8 now" in r.stderr
+    # The refusals in process (train.py's own main, its exit status and stderr), the accepted resume as a user runs it.
+    assert train_main([*map(str, args), "--batch-size", "8", "--resume-from-checkpoint"]) == 2
+    assert "batch_size: 4 then, 8 now" in capsys.readouterr().err
     other = make_image_folder(tmp_path / "other", per_class=9, classes=("a", "b", "c"))
-    r = run("train.py", *args, "--dataset", other, "--resume-from-checkpoint")
-    assert r.returncode == 2 and "labels:" in r.stderr and "dataset:" in r.stderr
+    assert train_main([*map(str, args), "--dataset", str(other), "--resume-from-checkpoint"]) == 2
+    err = capsys.readouterr().err
+    assert "labels:" in err and "dataset:" in err
     r = run("train.py", *args, "--epochs", 3, "--resume-from-checkpoint")
     assert r.returncode == 0, r.stderr
     assert "warning: resuming with changed settings (epochs)" in r.stderr
     assert max(s for s, _ in losses(out)) == 9
 
 
-def test_no_checkpoint_to_resume(backbone_dir, folder, tmp_path):
-    r = run("train.py", *train_args(backbone_dir, folder, tmp_path / "new", 0), "--resume-from-checkpoint")
-    assert r.returncode == 2 and "no complete checkpoint" in r.stderr
+def test_no_checkpoint_to_resume(backbone_dir, folder, tmp_path, capsys):
+    from vitfood.cli import train_main
+
+    args = [*map(str, train_args(backbone_dir, folder, tmp_path / "new", 0)), "--resume-from-checkpoint"]
+    assert train_main(args) == 2 and "no complete checkpoint" in capsys.readouterr().err
 
 
 def test_save_total_limit_keeps_only_the_newest(backbone_dir, folder, tmp_path):
     # The best checkpoint is not kept on top of them: the best model is saved whole at the top of the
     # output folder, and a checkpoint's only other use, resuming, wants the newest.
+    from vitfood.cli import train_main
+
     out = tmp_path / "out"
-    r = run("train.py", *train_args(backbone_dir, folder, out, 0), "--save-total-limit", 2)
-    assert r.returncode == 0, r.stderr
+    assert train_main([*map(str, train_args(backbone_dir, folder, out, 0)), "--save-total-limit", "2"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005", "step-00000006"]
 
 
-def test_nonfinite_loss_stops_before_the_step(backbone_dir, folder, tmp_path):
+def test_nonfinite_loss_stops_before_the_step(backbone_dir, folder, tmp_path, capsys):
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from vitfood.cli import train_main
 
     # A pretrained checkpoint with one corrupt (NaN) value: every loss is NaN from the first step.
-    bad_ckpt = tmp_path / "nan-model"
-    shutil.copytree(backbone_dir, bad_ckpt)
-    weights = load_file(str(bad_ckpt / "model.safetensors"))
-    weights["layernorm.weight"][0] = float("nan")
-    save_file(weights, str(bad_ckpt / "model.safetensors"))
+    bad_ckpt = nan_checkpoint(backbone_dir, tmp_path / "nan-model")
     out = tmp_path / "out"
     args = train_args(backbone_dir, folder, out, 0)
     args[1] = bad_ckpt
     r = run("train.py", *args)
     assert r.returncode == 2 and "non-finite loss or gradient norm at optimizer step 1 (epoch 1)" in r.stderr
     assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
-    r = run("train.py", *args, "--skip-nonfinite", 2)
-    assert r.returncode == 2 and "at optimizer step 3" in r.stderr
-    assert r.stderr.count("skipped optimizer step") == 2
+    assert train_main([*map(str, args), "--skip-nonfinite", "2"]) == 2  # in process: train.py's own main
+    err = capsys.readouterr().err
+    assert "at optimizer step 3" in err and err.count("skipped optimizer step") == 2
     weights = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))
     assert torch.isfinite(weights["vit.encoder.layer.0.intermediate.dense.weight"]).all()
 
