@@ -1,5 +1,6 @@
 """One run per output folder (issue 19): a second train.py on a folder in use stops at once, the first goes on."""
 
+import errno
 import json
 import os
 import signal
@@ -108,3 +109,24 @@ def test_under_torchrun_rank_0_holds_the_lock_for_the_job(monkeypatch, env, hold
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert holds_lock_for_job() is holds
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_filesystem_without_locks_runs_with_a_warning_and_other_lock_errors_stop(tmp_path, monkeypatch, capsys,
+                                                                                    code):
+    # NFS mounted nolock, Lustre or GPFS without flock: flock itself fails; the run goes on, saying so.
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    with output_dir_lock(out):
+        assert out.is_dir() and not (out / LOCK_FILE).exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: --output-dir" in err and "takes no locks" in err
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(VitfoodError, match="cannot lock .* choose a folder on a local disk"):
+        with output_dir_lock(tmp_path / "other"):
+            pass

@@ -19,8 +19,10 @@ folder, and a second run stops at once, naming the process that holds it (the lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +75,12 @@ def output_dir_lock(out_dir: str | os.PathLike, enabled: bool = True) -> Iterato
                 path.rmdir()
 
 
-def _acquire(path: Path, out_dir: Path) -> int:
+# flock's errors where the filesystem has no locks at all (as opposed to a lock held by another run)
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def _acquire(path: Path, out_dir: Path) -> int | None:
+    """The locked file's descriptor; None on a filesystem that takes no locks (with a warning)."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -86,8 +93,15 @@ def _acquire(path: Path, out_dir: Path) -> int:
             os.close(fd)
             raise VitfoodError(f"--output-dir {out_dir} is in use by another run ({holder}); wait for it to end, "
                                "or choose another --output-dir") from None
-        except OSError as e:  # a filesystem without locks: say so rather than run unprotected in silence
+        except OSError as e:
             os.close(fd)
+            if e.errno in _NO_LOCKS:  # NFS mounted nolock, Lustre/GPFS without flock: run, but not in silence
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                print(f"vitfood: warning: --output-dir {out_dir}: this filesystem takes no locks "
+                      f"({e.strerror or e}), so nothing stops a second run from using the folder at the same time",
+                      file=sys.stderr)
+                return None
             raise VitfoodError(f"--output-dir {out_dir}: cannot lock {path.name} there ({e.strerror or e}); "
                                "choose a folder on a local disk") from None
         try:

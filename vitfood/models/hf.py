@@ -229,6 +229,7 @@ def reset_head(net: nn.Module, seed: int) -> None:
             elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
                 if m.weight is not None:
                     m.weight.fill_(1.0)
+                if m.bias is not None:  # LayerNorm(bias=False) has none
                     m.bias.zero_()
 
 
